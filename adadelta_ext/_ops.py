@@ -1,0 +1,97 @@
+"""The compiled ops, a Python entry point to them, and their fake kernels.
+
+Importing this module loads ``adadelta_ext._C``, which registers
+``torch.ops.adadelta_ext.fused_adadelta_`` (and its ``tensor_lr`` overload)
+with a CPU kernel, and a CUDA kernel where the package was built with CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers torch.ops.adadelta_ext.*)
+
+_OP = "adadelta_ext::fused_adadelta_"
+
+
+def backends() -> list[str]:
+    """The devices this build has a fused Adadelta kernel for, e.g. ``["cpu", "cuda"]``."""
+    return [
+        key.lower()
+        for key in ("CPU", "CUDA")
+        if torch._C._dispatch_has_kernel_for_dispatch_key(_OP, key)
+    ]
+
+
+def cpu_kernel_isa() -> str:
+    """The instruction set the CPU kernel runs with: ``"AVX512"``, ``"AVX2"`` or ``"DEFAULT"``."""
+    return torch.ops.adadelta_ext.cpu_kernel_isa()
+
+
+def fused_adadelta_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    acc_deltas: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    rho: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One fused Adadelta step over tensors of one device, in place.
+
+    The functional form of :class:`adadelta_ext.FusedAdadelta`: each list
+    holds one entry per param, and every tensor is on the same device. ``lr``
+    may be a one-element tensor on that device (read there, so a CUDA graph can
+    capture it). With ``grad_scale``, grads are divided by it and stored back
+    unscaled; with a nonzero ``found_inf`` nothing at all changes.
+    """
+    ops = torch.ops.adadelta_ext.fused_adadelta_
+    op = ops.tensor_lr if isinstance(lr, Tensor) else ops.default
+    op(
+        params,
+        grads,
+        square_avgs,
+        acc_deltas,
+        state_steps,
+        lr=lr,
+        rho=rho,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def check_fused_adadelta_inputs(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    acc_deltas: list[Tensor],
+    state_steps: list[Tensor],
+) -> None:
+    """Raises what :func:`fused_adadelta_` would raise for these lists, changing nothing."""
+    torch.ops.adadelta_ext.check_fused_adadelta_inputs(params, grads, square_avgs, acc_deltas, state_steps)
+
+
+# The op only mutates its inputs, so tracing it (torch.compile, FakeTensor) needs no output.
+@torch.library.register_fake(_OP)
+def _fused_adadelta_fake(params, grads, square_avgs, acc_deltas, state_steps, **options) -> None:
+    return None
+
+
+@torch.library.register_fake(_OP + ".tensor_lr")
+def _fused_adadelta_tensor_lr_fake(params, grads, square_avgs, acc_deltas, state_steps, **options) -> None:
+    return None
+
+
+@torch.library.register_fake("adadelta_ext::check_fused_adadelta_inputs")
+def _check_inputs_fake(params, grads, square_avgs, acc_deltas, state_steps) -> None:
+    return None

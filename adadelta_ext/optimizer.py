@@ -1,0 +1,225 @@
+"""FusedAdadelta: torch.optim.Adadelta with the whole step in one fused kernel call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from ._ops import check_fused_adadelta_inputs, fused_adadelta_
+
+_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _scalar_dtype() -> torch.dtype:
+    # The dtype torch.optim keeps `step` in.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class FusedAdadelta(Optimizer):
+    r"""Adadelta (Zeiler, 2012) whose step runs as one fused C++/CUDA pass.
+
+    A drop-in for :class:`torch.optim.Adadelta`: the same arguments, defaults,
+    errors, state keys (``step``, ``square_avg``, ``acc_delta``) and
+    ``state_dict`` layout, so a checkpoint moves between the two both ways.
+    Per element, with ``g`` the gradient:
+
+    .. math::
+        g &\leftarrow -g \text{ if maximize}, \quad g \leftarrow g + \lambda\theta \text{ if } \lambda \ne 0 \\
+        v &\leftarrow \rho v + (1 - \rho) g^2 \\
+        \Delta &\leftarrow \frac{\sqrt{u + \epsilon}}{\sqrt{v + \epsilon}}\, g \\
+        u &\leftarrow \rho u + (1 - \rho) \Delta^2 \\
+        \theta &\leftarrow \theta - \gamma \Delta
+
+    where :math:`v` is ``square_avg``, :math:`u` is ``acc_delta``,
+    :math:`\gamma` is ``lr`` and :math:`\lambda` is ``weight_decay``. One pass
+    reads param, grad, square_avg and acc_delta and writes param, square_avg
+    and acc_delta; float16 and bfloat16 params compute in float32.
+
+    Beyond :class:`torch.optim.Adadelta`:
+
+    - ``step`` counters live on their param's device (as in torch's fused Adam),
+      and the kernel increments them, so no step needs the host.
+    - :class:`torch.amp.GradScaler` hands ``grad_scale`` and ``found_inf`` to the
+      kernel, which unscales grads in the same pass and skips the whole step
+      (params, state and counters) when an inf was found, without a host sync.
+    - ``fp32_state=True`` keeps ``square_avg`` and ``acc_delta`` in float32 for
+      float16/bfloat16 params: more accurate, twice the state memory.
+
+    Not supported, with a clear error: sparse gradients, ``differentiable=True``.
+    ``foreach`` is accepted for compatibility and has no effect.
+    """
+
+    # GradScaler then sets self.grad_scale and self.found_inf before step().
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1.0,
+        rho: float = 0.9,
+        eps: float = 1e-6,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        capturable: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fp32_state: bool = False,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"Invalid rho value: {rho}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if differentiable:
+            raise ValueError(
+                "FusedAdadelta does not support differentiable=True; use torch.optim.Adadelta for that"
+            )
+        defaults = {
+            "lr": lr,
+            "rho": rho,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "capturable": capturable,
+            "foreach": foreach,
+            "differentiable": differentiable,
+        }
+        # An implementation choice, not a hyperparameter: kept out of param_groups
+        # so that state_dict() has torch.optim.Adadelta's layout.
+        self.fp32_state = fp32_state
+        super().__init__(params, defaults)
+        self.register_load_state_dict_post_hook(FusedAdadelta._place_loaded_state)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("fp32_state", False)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+
+    @staticmethod
+    def _place_loaded_state(optimizer: FusedAdadelta) -> None:
+        """After load_state_dict: `step` on the param's device, state in float32 if asked.
+
+        Optimizer.load_state_dict has already cast square_avg and acc_delta to
+        the param's dtype and device, as torch does for every optimizer.
+        """
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                state = optimizer.state.get(param)
+                if not state:
+                    continue
+                step = state["step"]
+                if not torch.is_tensor(step):
+                    step = torch.tensor(float(step), dtype=_scalar_dtype())
+                state["step"] = step.to(device=param.device)
+                if optimizer.fp32_state and param.dtype in _REDUCED_PRECISION:
+                    state["square_avg"] = state["square_avg"].float()
+                    state["acc_delta"] = state["acc_delta"].float()
+
+    def _state_dtype(self, param: Tensor) -> torch.dtype:
+        if self.fp32_state and param.dtype in _REDUCED_PRECISION:
+            return torch.float32
+        return param.dtype
+
+    def _check_graph_capture(self) -> None:
+        # As torch.optim does: a capture with capturable=False would bake host values into the graph.
+        if torch.compiler.is_compiling() or not torch.cuda.is_available():
+            return
+        if torch.cuda.is_current_stream_capturing() and not all(
+            group["capturable"] for group in self.param_groups
+        ):
+            raise RuntimeError(
+                "Attempting CUDA graph capture of step() for an instance of FusedAdadelta"
+                " but param_groups' capturable is False."
+            )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        self._check_graph_capture()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        groups_params = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("FusedAdadelta does not support sparse gradients")
+            groups_params.append(params)
+
+        # Lazy state initialization, undone below if the kernel refuses the step.
+        created = []
+        for params in groups_params:
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=p.device)
+                    state_dtype = self._state_dtype(p)
+                    state["square_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+                    state["acc_delta"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+                    created.append(p)
+        try:
+            calls = [
+                call
+                for group, params in zip(self.param_groups, groups_params, strict=True)
+                for call in self._kernel_calls(group, params)
+            ]
+            if len(calls) > 1:
+                # Several devices: check every call's tensors before changing any.
+                for tensors, _ in calls:
+                    check_fused_adadelta_inputs(*tensors)
+            for tensors, options in calls:
+                fused_adadelta_(*tensors, **options)
+        except BaseException:
+            for p in created:
+                del self.state[p]
+            raise
+        return loss
+
+    def _kernel_calls(self, group: dict[str, Any], params: list[Tensor]):
+        """The op calls for one param group: one per device, with its tensors and options."""
+        by_device: dict[torch.device, tuple[list[Tensor], ...]] = {}
+        for p in params:
+            state = self.state[p]
+            tensors = (p, p.grad, state["square_avg"], state["acc_delta"])
+            if p.is_complex():
+                tensors = tuple(torch.view_as_real(t) for t in tensors)
+            lists = by_device.setdefault(p.device, ([], [], [], [], []))
+            for values, tensor in zip(lists, (*tensors, state["step"]), strict=True):
+                values.append(tensor)
+
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for device, lists in by_device.items():
+            lr = group["lr"]
+            if isinstance(lr, Tensor) and lr.device != device:
+                lr = lr.item()
+            yield lists, {
+                "lr": lr,
+                "rho": group["rho"],
+                "eps": group["eps"],
+                "weight_decay": group["weight_decay"],
+                "maximize": group["maximize"],
+                "grad_scale": None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                "found_inf": None if found_inf is None else found_inf.to(device, non_blocking=True),
+            }

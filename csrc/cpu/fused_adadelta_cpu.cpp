@@ -1,0 +1,162 @@
+// The CPU implementation of adadelta_ext::fused_adadelta_: checks the
+// arguments, picks the kernel built for this CPU's instruction set, and runs
+// it across all elements of all tensors with at::parallel_for.
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "../fused_adadelta.h"
+#include "adadelta_cpu_kernel.h"
+
+namespace adadelta_ext::cpu {
+namespace {
+
+// torch picks its own kernels by the same name, honouring ATEN_CPU_CAPABILITY.
+std::string kernel_isa() {
+#if defined(ADADELTA_CPU_ISA_DISPATCH)
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "AVX512" || capability == "AVX2") {
+    return capability;
+  }
+#endif
+  return "DEFAULT";
+}
+
+UpdateRangeFn select_kernel(c10::ScalarType param_dtype, c10::ScalarType state_dtype) {
+  static const std::string isa = kernel_isa();
+#if defined(ADADELTA_CPU_ISA_DISPATCH)
+  if (isa == "AVX512") {
+    return AVX512::update_range_for(param_dtype, state_dtype);
+  }
+  if (isa == "AVX2") {
+    return AVX2::update_range_for(param_dtype, state_dtype);
+  }
+#endif
+  return DEFAULT::update_range_for(param_dtype, state_dtype);
+}
+
+void increment_steps(at::TensorList state_steps) {
+  // Direct writes: an ATen add_ per step costs microseconds, per tensor.
+  for (const at::Tensor& step : state_steps) {
+    if (step.scalar_type() == at::kFloat) {
+      *step.data_ptr<float>() += 1;
+    } else {
+      *step.data_ptr<double>() += 1;
+    }
+  }
+}
+
+void fused_adadelta_cpu_impl(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    const FusedAdadeltaOptions& options) {
+  check_fused_adadelta_inputs(params, grads, square_avgs, acc_deltas, state_steps);
+  if (params.empty()) {
+    return;
+  }
+  check_fused_adadelta_options(params[0].device(), options);
+  if (options.found_inf.has_value() && options.found_inf->item<double>() != 0) {
+    return;  // GradScaler found an inf or NaN: the step is skipped whole.
+  }
+  const bool unscale_grad = options.grad_scale.has_value();
+  CpuStepArguments arguments{
+      AdadeltaHyperparams<double>{
+          options.lr_tensor.has_value() ? options.lr_tensor->item<double>()
+                                        : options.lr,
+          options.rho,
+          1.0 - options.rho,
+          options.eps,
+          options.weight_decay,
+          options.maximize,
+          options.weight_decay != 0},
+      unscale_grad,
+      unscale_grad ? options.grad_scale->item<double>() : 1.0};
+
+  const FlatTensorLists flat(params, grads, square_avgs, acc_deltas, unscale_grad);
+  const size_t count = flat.params.size();
+  std::vector<FlatTensorPointers> pointers(count);
+  std::vector<UpdateRangeFn> kernels(count);
+  std::vector<int64_t> ends(count);  // ends[i]: one past param i's last element, counted over all params
+  int64_t total = 0;
+  for (size_t i = 0; i < count; ++i) {
+    pointers[i] = FlatTensorPointers{
+        flat.params[i].data_ptr(), flat.grads[i].data_ptr(),
+        flat.square_avgs[i].data_ptr(), flat.acc_deltas[i].data_ptr()};
+    kernels[i] = select_kernel(
+        flat.params[i].scalar_type(), flat.square_avgs[i].scalar_type());
+    total += flat.params[i].numel();
+    ends[i] = total;
+  }
+
+  at::parallel_for(0, total, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    // A range may span several params, and a param several ranges.
+    size_t i = std::upper_bound(ends.begin(), ends.end(), begin) - ends.begin();
+    for (; begin < end; ++i) {
+      const int64_t param_begin = i == 0 ? 0 : ends[i - 1];
+      const int64_t range_end = std::min(end, ends[i]);
+      if (range_end > begin) {
+        kernels[i](pointers[i], begin - param_begin, range_end - param_begin, arguments);
+      }
+      begin = range_end;
+    }
+  });
+  flat.write_back();
+  increment_steps(state_steps);
+}
+
+void fused_adadelta_cpu(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    double lr,
+    double rho,
+    double eps,
+    double weight_decay,
+    bool maximize,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf) {
+  fused_adadelta_cpu_impl(
+      params, grads, square_avgs, acc_deltas, state_steps,
+      {lr, std::nullopt, rho, eps, weight_decay, maximize, grad_scale, found_inf});
+}
+
+void fused_adadelta_cpu_tensor_lr(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    const at::Tensor& lr,
+    double rho,
+    double eps,
+    double weight_decay,
+    bool maximize,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf) {
+  fused_adadelta_cpu_impl(
+      params, grads, square_avgs, acc_deltas, state_steps,
+      {0.0, lr, rho, eps, weight_decay, maximize, grad_scale, found_inf});
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(adadelta_ext, CPU, m) {
+  m.impl("fused_adadelta_", &fused_adadelta_cpu);
+  m.impl("fused_adadelta_.tensor_lr", &fused_adadelta_cpu_tensor_lr);
+}
+
+// Which instruction set the CPU kernel runs with: "AVX512", "AVX2" or "DEFAULT".
+TORCH_LIBRARY_FRAGMENT(adadelta_ext, m) {
+  m.def("cpu_kernel_isa() -> str", [] { return kernel_isa(); });
+}
+
+} // namespace adadelta_ext::cpu

@@ -1,0 +1,75 @@
+"""Builds adadelta_ext._C: the op schema and its CPU kernel always, the CUDA
+kernel too where torch has CUDA and nvcc is found.
+
+ADADELTA_EXT_CUDA=1 forces the CUDA build (and fails without CUDA), =0 skips it.
+Build with `pip install --no-build-isolation -e .` so the installed torch is used.
+"""
+
+import os
+import platform
+import shutil
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# The CPU kernel is compiled once per instruction set, as ATen compiles its own,
+# and picked at run time; -march=native would make a build that crashes elsewhere.
+CPU_KERNEL_SOURCE = "csrc/cpu/adadelta_cpu_kernel.cpp"
+CPU_KERNEL_FLAGS = {"DEFAULT": []}
+if platform.machine() in ("x86_64", "AMD64"):
+    CPU_KERNEL_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
+    CPU_KERNEL_FLAGS["AVX512"] = [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+    ]
+
+
+def build_cuda() -> bool:
+    forced = os.environ.get("ADADELTA_EXT_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
+
+
+class BuildExtensionPerIsa(BuildExtension):
+    """Compiles CPU_KERNEL_SOURCE once per entry of CPU_KERNEL_FLAGS and links all of them."""
+
+    def build_extension(self, ext):
+        cxx_flags = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+        for isa, isa_flags in CPU_KERNEL_FLAGS.items():
+            ext.extra_objects += self.compiler.compile(
+                [CPU_KERNEL_SOURCE],
+                output_dir=os.path.join(self.build_temp, isa),
+                macros=[("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)],
+                include_dirs=ext.include_dirs,
+                extra_postargs=cxx_flags + isa_flags,
+            )
+        super().build_extension(ext)
+
+
+def extension():
+    sources = ["csrc/fused_adadelta.cpp", "csrc/cpu/fused_adadelta_cpu.cpp"]
+    cxx_flags = ["-O3"]
+    if len(CPU_KERNEL_FLAGS) > 1:
+        cxx_flags.append("-DADADELTA_CPU_ISA_DISPATCH")
+    if not build_cuda():
+        return CppExtension("adadelta_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
+    sources += ["csrc/cuda/fused_adadelta_cuda.cpp", "csrc/cuda/fused_adadelta_kernel.cu"]
+    # No --use_fast_math: it changes sqrt and division and breaks parity with torch.
+    nvcc_flags = ["-O3", "-lineinfo"] + [
+        f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in ("80", "90")
+    ]
+    return CUDAExtension(
+        "adadelta_ext._C",
+        sources,
+        extra_compile_args={"cxx": cxx_flags + ["-DADADELTA_WITH_CUDA"], "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    packages=find_packages(include=["adadelta_ext", "adadelta_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtensionPerIsa},
+)
