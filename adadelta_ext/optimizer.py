@@ -11,7 +11,26 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._ops import check_fused_adadelta_inputs, fused_adadelta_
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed
+
+    class DTensor:  # type: ignore[no-redef]
+        """Stands in for torch.distributed.tensor.DTensor: nothing is an instance."""
+
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _kernel_view(tensor: Tensor) -> Tensor:
+    """The plain real tensor the kernel updates in place for a param, grad or state tensor.
+
+    A DTensor (as FSDP2's fully_shard and tensor parallelism make) is updated
+    through its local shard; Adadelta is elementwise, so shards step alone.
+    A complex tensor is updated as pairs of reals, as torch.optim does.
+    """
+    if isinstance(tensor, DTensor):
+        tensor = tensor._local_tensor
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -201,9 +220,7 @@ class FusedAdadelta(Optimizer):
         by_device: dict[torch.device, tuple[list[Tensor], ...]] = {}
         for p in params:
             state = self.state[p]
-            tensors = (p, p.grad, state["square_avg"], state["acc_delta"])
-            if p.is_complex():
-                tensors = tuple(torch.view_as_real(t) for t in tensors)
+            tensors = (_kernel_view(t) for t in (p, p.grad, state["square_avg"], state["acc_delta"]))
             lists = by_device.setdefault(p.device, ([], [], [], [], []))
             for values, tensor in zip(lists, (*tensors, state["step"]), strict=True):
                 values.append(tensor)
