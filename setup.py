@@ -17,7 +17,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # The CPU kernel is compiled once per instruction set, as ATen compiles its own,
 # and picked at run time; -march=native would make a build that crashes elsewhere.
+# -ffp-contract=off: no a*b+c fused into an FMA where the instruction set has
+# one, so every build rounds alike and gives bit-identical results.
 CPU_KERNEL_SOURCE = "csrc/cpu/adadelta_cpu_kernel.cpp"
+CPU_KERNEL_COMMON_FLAGS = ["-ffp-contract=off"]
 CPU_KERNEL_FLAGS = {"DEFAULT": []}
 if platform.machine() in ("x86_64", "AMD64"):
     CPU_KERNEL_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
@@ -44,7 +47,7 @@ class BuildExtensionPerIsa(BuildExtension):
                 output_dir=os.path.join(self.build_temp, isa),
                 macros=[("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)],
                 include_dirs=ext.include_dirs,
-                extra_postargs=cxx_flags + isa_flags,
+                extra_postargs=cxx_flags + CPU_KERNEL_COMMON_FLAGS + isa_flags,
             )
         super().build_extension(ext)
 
