@@ -1,0 +1,176 @@
+"""GradScaler, CUDA graphs, CPU-vs-CUDA agreement and very large tensors.
+
+With `_step_supports_amp_scaling`, GradScaler hands FusedAdadelta its scale and
+found_inf; the kernel unscales the grads in its own pass and skips the whole
+step (params, state, step counts) when found_inf is set, without a host sync.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_testing import DEVICES, model_input, requires_cuda, small_model, twin_models
+
+from adadelta_ext import FusedAdadelta
+
+
+def scaled_training(model, optimizer, scaler, steps, separate_unscale, poison_step=None):
+    inputs = model_input(model)
+    for step in range(steps):
+        optimizer.zero_grad()
+        scaler.scale(model(inputs).square().mean()).backward()
+        if step == poison_step:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        if separate_unscale:
+            scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+
+
+@pytest.mark.parametrize("separate_unscale", [False, True], ids=["fused_unscale", "scaler_unscale"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_matches_torch(device, separate_unscale):
+    fused_model, torch_model = twin_models(small_model(device))
+    fused = FusedAdadelta(fused_model.parameters(), lr=0.5)
+    reference = torch.optim.Adadelta(torch_model.parameters(), lr=0.5)
+    fused_scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    torch_scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    scaled_training(fused_model, fused, fused_scaler, 6, separate_unscale, poison_step=3)
+    scaled_training(torch_model, reference, torch_scaler, 6, separate_unscale, poison_step=3)
+    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict())
+    assert fused_scaler.get_scale() == torch_scaler.get_scale() == 2.0**9  # halved once, at the inf
+    # The unscaled grads are left in .grad, as scaler.unscale_ leaves them.
+    for ours, theirs in zip(fused_model.parameters(), torch_model.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_inf_skips_the_whole_step(device):
+    model = small_model(device)
+    optimizer = FusedAdadelta(model.parameters())
+    scaler = torch.amp.GradScaler(device)
+    scaled_training(model, optimizer, scaler, 2, separate_unscale=False)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {p: {key: value.clone() for key, value in optimizer.state[p].items()} for p in model.parameters()}
+
+    scaled_training(model, optimizer, scaler, 1, separate_unscale=False, poison_step=0)
+
+    for p, before in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, before)
+        for key, value in state[p].items():
+            assert torch.equal(optimizer.state[p][key], value), key
+    assert all(optimizer.state[p]["step"].item() == 2 for p in model.parameters())
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cpu_and_cuda_agree(dtype):
+    """The same math on both backends: float32/float64 within assert_close defaults; 16 bits within one ulp
+    of the stored value (the CUDA compiler may fuse a*b+c, the CPU build does not)."""
+    shapes = [(0,), (1,), (7,), (33,), (4097,), (5, 7), (2, 3, 4, 5), (100_003,)]
+    generator = torch.Generator().manual_seed(0)
+    cpu_params = [torch.nn.Parameter(torch.randn(s, generator=generator).to(dtype)) for s in shapes]
+    cuda_params = [torch.nn.Parameter(p.detach().cuda()) for p in cpu_params]
+    cpu_optimizer = FusedAdadelta(cpu_params, lr=0.5, weight_decay=0.1)
+    cuda_optimizer = FusedAdadelta(cuda_params, lr=0.5, weight_decay=0.1)
+    for _ in range(10):
+        for cpu_param, cuda_param in zip(cpu_params, cuda_params, strict=True):
+            cpu_param.grad = torch.randn(cpu_param.shape, generator=generator).to(dtype)
+            cuda_param.grad = cpu_param.grad.cuda()
+        cpu_optimizer.step()
+        cuda_optimizer.step()
+    tolerance = {} if dtype in (torch.float32, torch.float64) else {"rtol": 2**-7, "atol": 2**-7}
+    torch.testing.assert_close([p.detach().cpu() for p in cuda_params], [p.detach() for p in cpu_params], **tolerance)
+
+
+@requires_cuda
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_cuda_misaligned_views_take_the_scalar_path(offset):
+    """Params starting one element into their storage are not 16-byte aligned: same results as torch."""
+    base = torch.randn(4097 + offset, device="cuda")
+    param = torch.nn.Parameter(base[offset:])
+    twin = torch.nn.Parameter(param.detach().clone())
+    fused = FusedAdadelta([param])
+    reference = torch.optim.Adadelta([twin])
+    for _ in range(5):
+        twin.grad = torch.randn_like(twin)
+        param.grad = torch.empty(4097 + offset, device="cuda")[offset:].copy_(twin.grad)
+        fused.step()
+        reference.step()
+    torch.testing.assert_close(param, twin)
+
+
+@requires_cuda
+def test_whole_training_step_replays_in_a_cuda_graph():
+    """Forward, backward and step captured once and replayed equal the same steps run eagerly."""
+    graph_model, eager_model = twin_models(small_model("cuda"))
+    inputs = model_input(graph_model)
+    lr = torch.tensor(0.5, device="cuda")
+    graph_optimizer = FusedAdadelta(graph_model.parameters(), lr=lr, capturable=True)
+    eager_optimizer = FusedAdadelta(eager_model.parameters(), lr=0.5)
+
+    def training_step(model, optimizer):
+        optimizer.zero_grad(set_to_none=False)
+        model(inputs).square().mean().backward()
+        optimizer.step()
+
+    # Warm up on a side stream (allocations, lazy state) as CUDA-graph capture requires.
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):
+        for _ in range(3):
+            training_step(graph_model, graph_optimizer)
+    torch.cuda.current_stream().wait_stream(side_stream)
+    for _ in range(3):
+        training_step(eager_model, eager_optimizer)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        training_step(graph_model, graph_optimizer)
+    for _ in range(5):
+        graph.replay()
+        training_step(eager_model, eager_optimizer)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(graph_model.state_dict(), eager_model.state_dict())
+    # Capture recorded one step and the replays ran 5 more: 3 + 5 steps counted on the device.
+    assert all(graph_optimizer.state[p]["step"].item() == 8 for p in graph_model.parameters())
+
+
+@requires_cuda
+def test_capturable_with_cuda_tensor_lr_matches_torch():
+    fused_model, torch_model = twin_models(small_model("cuda"))
+    fused = FusedAdadelta(fused_model.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True)
+    reference = torch.optim.Adadelta(torch_model.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True)
+    inputs = model_input(fused_model)
+    for model, optimizer in ((fused_model, fused), (torch_model, reference)):
+        for _ in range(5):
+            optimizer.zero_grad()
+            model(inputs).square().mean().backward()
+            optimizer.step()
+    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict())
+
+
+@pytest.mark.slow
+@requires_cuda
+def test_tensor_of_more_than_2_pow_31_elements():
+    """Indexing past 2**31 elements: every element, the last ones too, gets the float32 reference update."""
+    numel = 2**31 + 4099
+    free, _ = torch.cuda.mem_get_info()
+    # param, grad, square_avg, acc_delta in float16, plus float32 reference slices.
+    if free < 4 * 2 * numel + 2**30:
+        pytest.skip(f"needs about {4 * 2 * numel / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} free")
+    param = torch.nn.Parameter(torch.full((numel,), 1.0, dtype=torch.float16, device="cuda"))
+    param.grad = torch.full_like(param, 0.5)
+    param.grad[-4099:] = -0.25  # the tail past 2**31 gets another grad, so an index wrap would show
+    optimizer = FusedAdadelta([param], lr=1.0)
+    optimizer.step()
+
+    def expected(grad):
+        square_avg = 0.1 * grad * grad
+        update = (1e-6) ** 0.5 / (square_avg + 1e-6) ** 0.5 * grad
+        return torch.tensor(1.0 - update, dtype=torch.float16)
+
+    head, tail = expected(0.5), expected(-0.25)
+    assert torch.equal(param[: 2**31 - 1], head.cuda().expand(2**31 - 1))
+    assert torch.equal(param[-4099:], tail.cuda().expand(4099))
+    assert optimizer.state[param]["step"].item() == 1
