@@ -179,28 +179,16 @@ class FusedAdadelta(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        groups_params = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("FusedAdadelta does not support sparse gradients")
-            groups_params.append(params)
-
-        # Lazy state initialization, undone below if the kernel refuses the step.
-        created = []
-        for params in groups_params:
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=p.device)
-                    state_dtype = self._state_dtype(p)
-                    state["square_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
-                    state["acc_delta"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
-                    created.append(p)
+        groups_params = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        # Lazy state initialization, undone if the kernel refuses the step.
+        created = [p for params in groups_params for p in params if not self.state[p]]
+        for p in created:
+            self._init_state(p)
         try:
             calls = [
                 call
                 for group, params in zip(self.param_groups, groups_params, strict=True)
+                if params
                 for call in self._kernel_calls(group, params)
             ]
             if len(calls) > 1:
@@ -215,23 +203,46 @@ class FusedAdadelta(Optimizer):
             raise
         return loss
 
+    def _init_state(self, param: Tensor) -> None:
+        state = self.state[param]
+        state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=param.device)
+        state_dtype = self._state_dtype(param)
+        state["square_avg"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+        state["acc_delta"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+
     def _kernel_calls(self, group: dict[str, Any], params: list[Tensor]):
-        """The op calls for one param group: one per device, with its tensors and options."""
-        by_device: dict[torch.device, tuple[list[Tensor], ...]] = {}
-        for p in params:
-            state = self.state[p]
-            tensors = (_kernel_view(t) for t in (p, p.grad, state["square_avg"], state["acc_delta"]))
-            lists = by_device.setdefault(p.device, ([], [], [], [], []))
-            for values, tensor in zip(lists, (*tensors, state["step"]), strict=True):
-                values.append(tensor)
+        """The op calls for one param group: (tensor lists, options), one per device.
+
+        Sparse grads, mismatched shapes or dtypes are left to the op, which
+        checks every tensor before it changes any.
+        """
+        states = [self.state[p] for p in params]
+        lists = (
+            params,
+            [p.grad for p in params],
+            [state["square_avg"] for state in states],
+            [state["acc_delta"] for state in states],
+        )
+        if any(p.is_complex() or isinstance(p, DTensor) for p in params):
+            lists = tuple([_kernel_view(t) for t in tensors] for tensors in lists)
+        steps = [state["step"] for state in states]
+
+        devices = list(dict.fromkeys(p.device for p in params))
+        if len(devices) == 1:
+            per_device = {devices[0]: (*lists, steps)}
+        else:
+            per_device = {device: ([], [], [], [], []) for device in devices}
+            for index, p in enumerate(params):
+                for values, tensors in zip(per_device[p.device], (*lists, steps), strict=True):
+                    values.append(tensors[index])
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for device, lists in by_device.items():
+        for device, tensors in per_device.items():
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != device:
                 lr = lr.item()
-            yield lists, {
+            yield tensors, {
                 "lr": lr,
                 "rho": group["rho"],
                 "eps": group["eps"],

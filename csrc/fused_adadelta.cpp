@@ -124,21 +124,6 @@ void check_fused_adadelta_options(
 
 namespace {
 
-// Validation alone, so that an optimizer stepping params on several devices
-// can check every device's lists before it changes any of them.
-void check_fused_adadelta_inputs_op(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList square_avgs,
-    at::TensorList acc_deltas,
-    at::TensorList state_steps) {
-  check_fused_adadelta_inputs(params, grads, square_avgs, acc_deltas, state_steps);
-}
-
-} // namespace
-
-namespace {
-
 bool shares_dense_layout(const at::Tensor& param, const at::Tensor& other) {
   return other.strides() == param.strides();
 }
@@ -193,6 +178,41 @@ void FlatTensorLists::write_back() const {
   }
 }
 
+namespace {
+
+// Validation alone, so that an optimizer stepping params on several devices
+// can check every device's lists before it changes any of them.
+void check_fused_adadelta_inputs_op(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps) {
+  check_fused_adadelta_inputs(params, grads, square_avgs, acc_deltas, state_steps);
+}
+
+// Sparse grads select the op's sparse dispatch keys. Refuse them there, with
+// the checks (and messages) of every dense backend, before anything changes.
+template <typename Lr>
+void refuse_sparse(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    Lr /*lr*/,
+    double /*rho*/,
+    double /*eps*/,
+    double /*weight_decay*/,
+    bool /*maximize*/,
+    const std::optional<at::Tensor>& /*grad_scale*/,
+    const std::optional<at::Tensor>& /*found_inf*/) {
+  check_fused_adadelta_inputs(params, grads, square_avgs, acc_deltas, state_steps);
+  TORCH_CHECK(false, "fused_adadelta_: FusedAdadelta does not support sparse gradients");
+}
+
+} // namespace
+
 TORCH_LIBRARY(adadelta_ext, m) {
   // Modelled on aten::_fused_adam_: one call updates a whole list of tensors
   // in place. grads are mutable because, when grad_scale is given, the
@@ -217,6 +237,16 @@ TORCH_LIBRARY(adadelta_ext, m) {
 
 TORCH_LIBRARY_IMPL(adadelta_ext, CompositeExplicitAutograd, m) {
   m.impl("check_fused_adadelta_inputs", &check_fused_adadelta_inputs_op);
+}
+
+TORCH_LIBRARY_IMPL(adadelta_ext, SparseCPU, m) {
+  m.impl("fused_adadelta_", &refuse_sparse<double>);
+  m.impl("fused_adadelta_.tensor_lr", &refuse_sparse<const at::Tensor&>);
+}
+
+TORCH_LIBRARY_IMPL(adadelta_ext, SparseCUDA, m) {
+  m.impl("fused_adadelta_", &refuse_sparse<double>);
+  m.impl("fused_adadelta_.tensor_lr", &refuse_sparse<const at::Tensor&>);
 }
 
 } // namespace adadelta_ext

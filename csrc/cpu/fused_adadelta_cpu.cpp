@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <string>
 #include <vector>
 
@@ -26,9 +27,9 @@ std::string kernel_isa() {
   return "DEFAULT";
 }
 
-UpdateRangeFn select_kernel(c10::ScalarType param_dtype, c10::ScalarType state_dtype) {
-  static const std::string isa = kernel_isa();
+UpdateRangeFn update_range_for(c10::ScalarType param_dtype, c10::ScalarType state_dtype) {
 #if defined(ADADELTA_CPU_ISA_DISPATCH)
+  static const std::string isa = kernel_isa();
   if (isa == "AVX512") {
     return AVX512::update_range_for(param_dtype, state_dtype);
   }
@@ -37,6 +38,24 @@ UpdateRangeFn select_kernel(c10::ScalarType param_dtype, c10::ScalarType state_d
   }
 #endif
   return DEFAULT::update_range_for(param_dtype, state_dtype);
+}
+
+// The kernel for a (param dtype, state dtype) pair, looked up without string compares.
+UpdateRangeFn select_kernel(c10::ScalarType param_dtype, c10::ScalarType state_dtype) {
+  static const auto kernels = [] {
+    std::array<std::array<UpdateRangeFn, 2>, 4> table{};
+    const c10::ScalarType param_dtypes[] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
+    for (size_t i = 0; i < 4; ++i) {
+      table[i][0] = update_range_for(param_dtypes[i], param_dtypes[i]);
+      table[i][1] = update_range_for(param_dtypes[i], at::kFloat);
+    }
+    return table;
+  }();
+  const size_t param_index = param_dtype == at::kFloat ? 0
+      : param_dtype == at::kDouble                     ? 1
+      : param_dtype == at::kHalf                       ? 2
+                                                       : 3;
+  return kernels[param_index][state_dtype == param_dtype ? 0 : 1];
 }
 
 void increment_steps(at::TensorList state_steps) {

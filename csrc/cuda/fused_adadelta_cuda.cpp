@@ -1,0 +1,207 @@
+// The CUDA implementation of adadelta_ext::fused_adadelta_: the CPU path's
+// checks, then the multi-tensor kernel (fused_adadelta_kernel.cu) once per
+// (param dtype, state dtype) group, on the current stream. Nothing here waits
+// for the device or copies to the host, so a CUDA graph can capture a step:
+// lr, grad_scale and found_inf are read by the kernel, which also increments
+// the steps.
+//
+// c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream
+// names; ATen/cuda/CUDAContext.h is not included because it pulls in cuBLAS
+// and cuSPARSE headers this file has no use for.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../fused_adadelta.h"
+#include "fused_adadelta_launch.h"
+
+namespace adadelta_ext::cuda {
+namespace {
+
+// The kernel reads c10::Half and c10::BFloat16 data as __half and __nv_bfloat16.
+static_assert(sizeof(at::Half) == sizeof(__half) && alignof(at::Half) == alignof(__half));
+static_assert(
+    sizeof(at::BFloat16) == sizeof(__nv_bfloat16) &&
+    alignof(at::BFloat16) == alignof(__nv_bfloat16));
+
+// The tensors of one call whose param and state dtypes match: one kernel.
+struct DtypeGroup {
+  at::ScalarType param_dtype;
+  at::ScalarType state_dtype;
+  std::vector<AdadeltaTensorPointers> tensors;
+};
+
+// The kernel reads float32 and float64 scalars; the narrower floating dtypes
+// convert to float32 exactly, on the device.
+at::Tensor kernel_readable(const std::optional<at::Tensor>& scalar) {
+  if (!scalar.has_value()) {
+    return at::Tensor();
+  }
+  const at::ScalarType dtype = scalar->scalar_type();
+  return dtype == at::kFloat || dtype == at::kDouble ? *scalar : scalar->to(at::kFloat);
+}
+
+DeviceScalar device_scalar(const at::Tensor& scalar) {
+  if (!scalar.defined()) {
+    return DeviceScalar{nullptr, false};
+  }
+  return DeviceScalar{scalar.const_data_ptr(), scalar.scalar_type() == at::kDouble};
+}
+
+// lr, grad_scale and found_inf as the kernel reads them.
+struct KernelScalars {
+  at::Tensor lr;
+  at::Tensor grad_scale;
+  at::Tensor found_inf;
+};
+
+template <typename param_t, typename state_t>
+void launch_group_as(
+    const DtypeGroup& group,
+    const FusedAdadeltaOptions& options,
+    const KernelScalars& scalars,
+    cudaStream_t stream) {
+  using opmath = opmath_t<param_t>;
+  // Rounded to opmath as the CPU path rounds them; lr from a tensor is read
+  // (and rounded) by the kernel.
+  const AdadeltaStepScalars<opmath> step_scalars{
+      AdadeltaHyperparams<opmath>{
+          static_cast<opmath>(options.lr),
+          static_cast<opmath>(options.rho),
+          static_cast<opmath>(1.0 - options.rho),
+          static_cast<opmath>(options.eps),
+          static_cast<opmath>(options.weight_decay),
+          options.maximize,
+          options.weight_decay != 0},
+      device_scalar(scalars.lr),
+      device_scalar(scalars.grad_scale),
+      device_scalar(scalars.found_inf)};
+  C10_CUDA_CHECK((launch_multi_tensor_adadelta<param_t, state_t>(
+      group.tensors.data(), group.tensors.size(), step_scalars, stream)));
+}
+
+void launch_group(
+    const DtypeGroup& group,
+    const FusedAdadeltaOptions& options,
+    const KernelScalars& scalars,
+    cudaStream_t stream) {
+  const bool fp32_state = group.state_dtype == at::kFloat;
+  switch (group.param_dtype) {
+    case at::kFloat:
+      return launch_group_as<float, float>(group, options, scalars, stream);
+    case at::kDouble:
+      return launch_group_as<double, double>(group, options, scalars, stream);
+    case at::kHalf:
+      return fp32_state
+          ? launch_group_as<__half, float>(group, options, scalars, stream)
+          : launch_group_as<__half, __half>(group, options, scalars, stream);
+    case at::kBFloat16:
+      return fp32_state
+          ? launch_group_as<__nv_bfloat16, float>(group, options, scalars, stream)
+          : launch_group_as<__nv_bfloat16, __nv_bfloat16>(group, options, scalars, stream);
+    default:
+      TORCH_INTERNAL_ASSERT(
+          false, "fused_adadelta_: no CUDA kernel for params of dtype ",
+          group.param_dtype);
+  }
+}
+
+void fused_adadelta_cuda_impl(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    const FusedAdadeltaOptions& options) {
+  check_fused_adadelta_inputs(params, grads, square_avgs, acc_deltas, state_steps);
+  if (params.empty()) {
+    return;
+  }
+  const at::Device device = params[0].device();
+  check_fused_adadelta_options(device, options);
+  const c10::cuda::CUDAGuard device_guard(device);
+
+  const bool unscale_grad = options.grad_scale.has_value();
+  const FlatTensorLists flat(params, grads, square_avgs, acc_deltas, unscale_grad);
+  std::vector<DtypeGroup> groups;
+  for (size_t i = 0; i < flat.params.size(); ++i) {
+    const at::ScalarType param_dtype = flat.params[i].scalar_type();
+    const at::ScalarType state_dtype = flat.square_avgs[i].scalar_type();
+    auto group = std::find_if(groups.begin(), groups.end(), [&](const DtypeGroup& candidate) {
+      return candidate.param_dtype == param_dtype && candidate.state_dtype == state_dtype;
+    });
+    if (group == groups.end()) {
+      group = groups.insert(groups.end(), DtypeGroup{param_dtype, state_dtype, {}});
+    }
+    group->tensors.push_back(AdadeltaTensorPointers{
+        flat.params[i].mutable_data_ptr(),
+        flat.grads[i].mutable_data_ptr(),
+        flat.square_avgs[i].mutable_data_ptr(),
+        flat.acc_deltas[i].mutable_data_ptr(),
+        state_steps[i].mutable_data_ptr(),
+        state_steps[i].scalar_type() == at::kDouble,
+        flat.params[i].numel()});
+  }
+
+  // Held until every launch is queued; a converted copy is freed after, in
+  // stream order, so the kernels still read it.
+  const KernelScalars scalars{
+      kernel_readable(options.lr_tensor),
+      kernel_readable(options.grad_scale),
+      kernel_readable(options.found_inf)};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (const DtypeGroup& group : groups) {
+    launch_group(group, options, scalars, stream);
+  }
+  flat.write_back();
+}
+
+void fused_adadelta_cuda(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    double lr,
+    double rho,
+    double eps,
+    double weight_decay,
+    bool maximize,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf) {
+  fused_adadelta_cuda_impl(
+      params, grads, square_avgs, acc_deltas, state_steps,
+      {lr, std::nullopt, rho, eps, weight_decay, maximize, grad_scale, found_inf});
+}
+
+void fused_adadelta_cuda_tensor_lr(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    const at::Tensor& lr,
+    double rho,
+    double eps,
+    double weight_decay,
+    bool maximize,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf) {
+  fused_adadelta_cuda_impl(
+      params, grads, square_avgs, acc_deltas, state_steps,
+      {0.0, lr, rho, eps, weight_decay, maximize, grad_scale, found_inf});
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(adadelta_ext, CUDA, m) {
+  m.impl("fused_adadelta_", &fused_adadelta_cuda);
+  m.impl("fused_adadelta_.tensor_lr", &fused_adadelta_cuda_tensor_lr);
+}
+
+} // namespace adadelta_ext::cuda

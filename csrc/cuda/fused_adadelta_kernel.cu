@@ -1,0 +1,75 @@
+// The host side of the multi-tensor Adadelta kernel: fills launch metadata
+// from a list of tensors and launches the kernel each time it is full.
+// No torch header: fused_adadelta_cuda.cpp calls in through
+// fused_adadelta_launch.h.
+#include <algorithm>
+
+#include "fused_adadelta_launch.h"
+#include "multi_tensor_adadelta.cuh"
+
+namespace adadelta_ext::cuda {
+
+template <typename param_t, typename state_t>
+cudaError_t launch_multi_tensor_adadelta(
+    const AdadeltaTensorPointers* tensors,
+    size_t count,
+    const AdadeltaStepScalars<opmath_t<param_t>>& scalars,
+    cudaStream_t stream) {
+  MultiTensorLaunchMetadata metadata{};
+  int64_t blocks = 0;
+  // Launches the tensors metadata holds, then empties it.
+  const auto launch = [&]() {
+    multi_tensor_adadelta_kernel<param_t, state_t>
+        <<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
+            metadata, scalars);
+    metadata.tensor_count = 0;
+    blocks = 0;
+    return cudaGetLastError();
+  };
+
+  for (size_t i = 0; i < count; ++i) {
+    const AdadeltaTensorPointers& tensor = tensors[i];
+    // A zero-element tensor gets one block too, to increment its step.
+    const int64_t chunks =
+        std::max<int64_t>(1, (tensor.numel + kChunkElements - 1) / kChunkElements);
+    if (chunks > kMaxBlocksPerLaunch) {
+      return cudaErrorInvalidValue;  // over 2^31 chunks: more than one launch's grid
+    }
+    if (metadata.tensor_count == kMaxTensorsPerLaunch ||
+        blocks + chunks > kMaxBlocksPerLaunch) {
+      const cudaError_t error = launch();
+      if (error != cudaSuccess) {
+        return error;
+      }
+    }
+    const int slot = metadata.tensor_count++;
+    metadata.params[slot] = tensor.param;
+    metadata.grads[slot] = tensor.grad;
+    metadata.square_avgs[slot] = tensor.square_avg;
+    metadata.acc_deltas[slot] = tensor.acc_delta;
+    metadata.steps[slot] = tensor.step;
+    metadata.step_is_double[slot] = tensor.step_is_double;
+    metadata.numels[slot] = tensor.numel;
+    blocks += chunks;
+    metadata.block_ends[slot] = static_cast<int32_t>(blocks);
+  }
+  return metadata.tensor_count == 0 ? cudaSuccess : launch();
+}
+
+#define ADADELTA_INSTANTIATE_LAUNCH(param_t, state_t)                   \
+  template cudaError_t launch_multi_tensor_adadelta<param_t, state_t>( \
+      const AdadeltaTensorPointers*,                                    \
+      size_t,                                                           \
+      const AdadeltaStepScalars<opmath_t<param_t>>&,                    \
+      cudaStream_t);
+
+ADADELTA_INSTANTIATE_LAUNCH(float, float)
+ADADELTA_INSTANTIATE_LAUNCH(double, double)
+ADADELTA_INSTANTIATE_LAUNCH(__half, __half)
+ADADELTA_INSTANTIATE_LAUNCH(__half, float)
+ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, __nv_bfloat16)
+ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, float)
+
+#undef ADADELTA_INSTANTIATE_LAUNCH
+
+} // namespace adadelta_ext::cuda

@@ -1,0 +1,61 @@
+// The interface between the CUDA op's ATen glue (fused_adadelta_cuda.cpp,
+// built by the host compiler) and its kernel (fused_adadelta_kernel.cu, built
+// by nvcc). No torch header and no device code: each side compiles alone.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "../adadelta_math.h"
+
+namespace adadelta_ext::cuda {
+
+// float16/bfloat16 params compute in float, float32 and float64 in themselves.
+template <typename param_t>
+using opmath_t = std::conditional_t<std::is_same_v<param_t, double>, double, float>;
+
+// One param's four tensors, each a flat array of numel elements (numel may be
+// zero), and its one-element step counter.
+struct AdadeltaTensorPointers {
+  void* param;
+  void* grad;
+  void* square_avg;
+  void* acc_delta;
+  void* step;
+  bool step_is_double;  // float64 step, else float32
+  int64_t numel;
+};
+
+// A one-element float32 or float64 tensor on the device, read in the kernel
+// so that no step waits for the host. A null address means "not given".
+struct DeviceScalar {
+  const void* address;
+  bool is_double;
+};
+
+template <typename opmath>
+struct AdadeltaStepScalars {
+  AdadeltaHyperparams<opmath> hyper;
+  DeviceScalar lr;  // when given, replaces hyper.lr
+  DeviceScalar grad_scale;  // when given, grads are divided by it and stored back
+  DeviceScalar found_inf;  // when given and nonzero, nothing changes
+};
+
+// Updates every tensor in place and adds one to each step counter, with as
+// few kernel launches on `stream` as the kernel's argument size allows.
+// Returns the first launch error, cudaSuccess otherwise.
+// Instantiated for (float, float), (double, double), (__half, __half),
+// (__half, float), (__nv_bfloat16, __nv_bfloat16), (__nv_bfloat16, float).
+template <typename param_t, typename state_t>
+cudaError_t launch_multi_tensor_adadelta(
+    const AdadeltaTensorPointers* tensors,
+    size_t count,
+    const AdadeltaStepScalars<opmath_t<param_t>>& scalars,
+    cudaStream_t stream);
+
+} // namespace adadelta_ext::cuda

@@ -1,0 +1,290 @@
+// The multi-tensor Adadelta kernel: one launch updates many tensors. Each
+// tensor is cut into chunks of kChunkElements, and each block updates one
+// chunk of one tensor, found from metadata passed by value as a kernel
+// argument. No torch header, so nvcc compiles it alone.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../adadelta_math.h"
+#include "fused_adadelta_launch.h"
+
+namespace adadelta_ext::cuda {
+
+// IEEE sqrt and division (no fast math: parity with torch) take 48 to 74
+// registers a thread; blocks of 256 fill an SM's register file more fully at
+// those counts than blocks of 512 do.
+constexpr int kThreadsPerBlock = 256;
+constexpr int kChunkElements = 65536;
+// Elements per thread per pass of the element-wise path: its loads of one
+// pass are independent, so they are in flight together.
+constexpr int kElementwiseIlp = 4;
+constexpr int kMaxTensorsPerLaunch = 64;
+constexpr int64_t kMaxBlocksPerLaunch = 2147483647;  // gridDim.x limit
+
+// What one launch updates. Blocks are numbered through the tensors in order:
+// tensor i owns blocks [block_ends[i - 1], block_ends[i]) (from 0 for i = 0),
+// one per chunk; a zero-element tensor owns one block, which only increments
+// its step. A tensor never spans two launches, so its step is incremented
+// once, by the block of its chunk 0.
+struct MultiTensorLaunchMetadata {
+  void* params[kMaxTensorsPerLaunch];
+  void* grads[kMaxTensorsPerLaunch];
+  void* square_avgs[kMaxTensorsPerLaunch];
+  void* acc_deltas[kMaxTensorsPerLaunch];
+  void* steps[kMaxTensorsPerLaunch];
+  int64_t numels[kMaxTensorsPerLaunch];
+  int32_t block_ends[kMaxTensorsPerLaunch];
+  bool step_is_double[kMaxTensorsPerLaunch];
+  int tensor_count;
+};
+
+// 4 KB is the kernel argument limit on every CUDA version and driver.
+static_assert(
+    sizeof(MultiTensorLaunchMetadata) + sizeof(AdadeltaStepScalars<double>) <= 4096,
+    "the kernel's arguments must fit in 4 KB");
+
+__device__ __forceinline__ float to_opmath(float value) {
+  return value;
+}
+__device__ __forceinline__ double to_opmath(double value) {
+  return value;
+}
+__device__ __forceinline__ float to_opmath(__half value) {
+  return __half2float(value);
+}
+__device__ __forceinline__ float to_opmath(__nv_bfloat16 value) {
+  return __bfloat162float(value);
+}
+
+// One rounding, to nearest even, as torch's own conversions round.
+template <typename T>
+__device__ __forceinline__ T from_opmath(opmath_t<T> value) {
+  return value;
+}
+template <>
+__device__ __forceinline__ __half from_opmath<__half>(float value) {
+  return __float2half_rn(value);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_opmath<__nv_bfloat16>(float value) {
+  return __float2bfloat16_rn(value);
+}
+
+// 16 bytes of T, moved by one 128-bit load or store.
+template <typename T>
+struct alignas(16) AlignedVector {
+  static constexpr int kSize = 16 / sizeof(T);
+  T elements[kSize];
+};
+
+// kCount consecutive elements of the chunk from `first`, moved 16 bytes at a
+// time: only for chunks whose four pointers are 16-byte aligned.
+template <int kCount>
+struct ContiguousElements {
+  static constexpr int kElements = kCount;
+  int first;
+
+  template <typename T, typename opmath>
+  __device__ __forceinline__ void load(const T* chunk, opmath (&values)[kCount]) const {
+    using Vector = AlignedVector<T>;
+    static_assert(kCount % Vector::kSize == 0, "whole vectors only");
+#pragma unroll
+    for (int v = 0; v < kCount / Vector::kSize; ++v) {
+      const Vector vector =
+          *reinterpret_cast<const Vector*>(chunk + first + v * Vector::kSize);
+#pragma unroll
+      for (int i = 0; i < Vector::kSize; ++i) {
+        values[v * Vector::kSize + i] = to_opmath(vector.elements[i]);
+      }
+    }
+  }
+
+  template <typename T, typename opmath>
+  __device__ __forceinline__ void store(T* chunk, const opmath (&values)[kCount]) const {
+    using Vector = AlignedVector<T>;
+#pragma unroll
+    for (int v = 0; v < kCount / Vector::kSize; ++v) {
+      Vector vector;
+#pragma unroll
+      for (int i = 0; i < Vector::kSize; ++i) {
+        vector.elements[i] = from_opmath<T>(values[v * Vector::kSize + i]);
+      }
+      *reinterpret_cast<Vector*>(chunk + first + v * Vector::kSize) = vector;
+    }
+  }
+};
+
+// The elements first, first + kThreadsPerBlock, ... (kCount of them) that
+// lie below end, one at a time: any alignment.
+template <int kCount>
+struct StridedElements {
+  static constexpr int kElements = kCount;
+  int first;
+  int end;
+
+  template <typename T, typename opmath>
+  __device__ __forceinline__ void load(const T* chunk, opmath (&values)[kCount]) const {
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      const int index = first + i * kThreadsPerBlock;
+      // Past the end, a harmless value: it is updated but never stored.
+      values[i] = index < end ? to_opmath(chunk[index]) : opmath(0);
+    }
+  }
+
+  template <typename T, typename opmath>
+  __device__ __forceinline__ void store(T* chunk, const opmath (&values)[kCount]) const {
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      const int index = first + i * kThreadsPerBlock;
+      if (index < end) {
+        chunk[index] = from_opmath<T>(values[i]);
+      }
+    }
+  }
+};
+
+// The first element of one chunk in each of a param's four tensors.
+template <typename param_t, typename state_t>
+struct ChunkPointers {
+  param_t* param;
+  param_t* grad;
+  state_t* square_avg;
+  state_t* acc_delta;
+};
+
+// The step's scalars once read from the device.
+template <typename opmath>
+struct StepValues {
+  AdadeltaHyperparams<opmath> hyper;
+  bool unscale_grad;
+  opmath grad_scale;
+};
+
+// Reads each element once, writes it once (grad only when unscaling).
+template <typename Elements, typename param_t, typename state_t, typename opmath>
+__device__ __forceinline__ void update_elements(
+    const ChunkPointers<param_t, state_t>& chunk,
+    const Elements& elements,
+    const StepValues<opmath>& step) {
+  constexpr int kCount = Elements::kElements;
+  opmath param[kCount];
+  opmath grad[kCount];
+  opmath square_avg[kCount];
+  opmath acc_delta[kCount];
+  elements.load(chunk.param, param);
+  elements.load(chunk.grad, grad);
+  elements.load(chunk.square_avg, square_avg);
+  elements.load(chunk.acc_delta, acc_delta);
+  if (step.unscale_grad) {
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      grad[i] = grad[i] / step.grad_scale;
+    }
+    elements.store(chunk.grad, grad);
+  }
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) {
+    adadelta_update(param[i], grad[i], square_avg[i], acc_delta[i], step.hyper);
+  }
+  elements.store(chunk.param, param);
+  elements.store(chunk.square_avg, square_avg);
+  elements.store(chunk.acc_delta, acc_delta);
+}
+
+template <typename opmath>
+__device__ __forceinline__ opmath read_scalar(const DeviceScalar& scalar) {
+  return scalar.is_double
+      ? static_cast<opmath>(*static_cast<const double*>(scalar.address))
+      : static_cast<opmath>(*static_cast<const float*>(scalar.address));
+}
+
+__device__ __forceinline__ bool is_16_byte_aligned(const void* pointer) {
+  return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
+}
+
+// The tensor owning `block`: the first whose block_ends[] exceeds it.
+__device__ __forceinline__ int tensor_of_block(
+    const MultiTensorLaunchMetadata& metadata,
+    int block) {
+  int low = 0;
+  int high = metadata.tensor_count - 1;
+  while (low < high) {
+    const int middle = (low + high) / 2;
+    if (metadata.block_ends[middle] > block) {
+      high = middle;
+    } else {
+      low = middle + 1;
+    }
+  }
+  return low;
+}
+
+// Launched with kThreadsPerBlock threads and one block per chunk (see
+// MultiTensorLaunchMetadata). __grid_constant__ lets device functions take
+// the arguments by reference without a copy to local memory.
+template <typename param_t, typename state_t>
+__global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_adadelta_kernel(
+    const __grid_constant__ MultiTensorLaunchMetadata metadata,
+    const __grid_constant__ AdadeltaStepScalars<opmath_t<param_t>> scalars) {
+  using opmath = opmath_t<param_t>;
+  // GradScaler found an inf or NaN: the whole step is skipped, steps included.
+  if (scalars.found_inf.address != nullptr &&
+      read_scalar<double>(scalars.found_inf) != 0) {
+    return;
+  }
+
+  const int block = static_cast<int>(blockIdx.x);
+  const int tensor = tensor_of_block(metadata, block);
+  const int chunk_index = block - (tensor == 0 ? 0 : metadata.block_ends[tensor - 1]);
+  const int64_t chunk_begin = static_cast<int64_t>(chunk_index) * kChunkElements;
+  const int64_t remaining = metadata.numels[tensor] - chunk_begin;
+  const int chunk_size =
+      remaining < kChunkElements ? static_cast<int>(remaining) : kChunkElements;
+  const ChunkPointers<param_t, state_t> chunk{
+      static_cast<param_t*>(metadata.params[tensor]) + chunk_begin,
+      static_cast<param_t*>(metadata.grads[tensor]) + chunk_begin,
+      static_cast<state_t*>(metadata.square_avgs[tensor]) + chunk_begin,
+      static_cast<state_t*>(metadata.acc_deltas[tensor]) + chunk_begin};
+
+  StepValues<opmath> step{scalars.hyper, scalars.grad_scale.address != nullptr, opmath(1)};
+  if (scalars.lr.address != nullptr) {
+    step.hyper.lr = read_scalar<opmath>(scalars.lr);
+  }
+  if (step.unscale_grad) {
+    step.grad_scale = read_scalar<opmath>(scalars.grad_scale);
+  }
+
+  // Where the element-wise path starts: past the whole vectors, if any.
+  int elementwise_begin = 0;
+  if (is_16_byte_aligned(chunk.param) && is_16_byte_aligned(chunk.grad) &&
+      is_16_byte_aligned(chunk.square_avg) && is_16_byte_aligned(chunk.acc_delta)) {
+    // 16 bytes of param (and 16 or 32 bytes of state) per thread per pass.
+    constexpr int kVectorElements = AlignedVector<param_t>::kSize;
+    elementwise_begin = chunk_size / kVectorElements * kVectorElements;
+    for (int first = threadIdx.x * kVectorElements; first < elementwise_begin;
+         first += kThreadsPerBlock * kVectorElements) {
+      update_elements(chunk, ContiguousElements<kVectorElements>{first}, step);
+    }
+  }
+  for (int first = elementwise_begin + threadIdx.x; first < chunk_size;
+       first += kThreadsPerBlock * kElementwiseIlp) {
+    update_elements(chunk, StridedElements<kElementwiseIlp>{first, chunk_size}, step);
+  }
+
+  if (chunk_index == 0 && threadIdx.x == 0) {
+    // Atomic: should two params share one step tensor, each adds one, as on the CPU.
+    if (metadata.step_is_double[tensor]) {
+      atomicAdd(static_cast<double*>(metadata.steps[tensor]), 1.0);
+    } else {
+      atomicAdd(static_cast<float*>(metadata.steps[tensor]), 1.0f);
+    }
+  }
+}
+
+} // namespace adadelta_ext::cuda
