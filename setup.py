@@ -61,9 +61,11 @@ def extension():
         return CppExtension("adadelta_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
     sources += ["csrc/cuda/fused_adadelta_cuda.cpp", "csrc/cuda/fused_adadelta_kernel.cu"]
     # No --use_fast_math: it changes sqrt and division and breaks parity with torch.
+    # Machine code for A100 (sm_80) and H100 (sm_90), and sm_90's PTX, which the
+    # driver compiles for GPUs newer than both.
     nvcc_flags = ["-O3", "-lineinfo"] + [
         f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in ("80", "90")
-    ]
+    ] + ["-gencode=arch=compute_90,code=compute_90"]
     return CUDAExtension(
         "adadelta_ext._C",
         sources,

@@ -6,8 +6,9 @@
 // the steps.
 //
 // c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream
-// names; ATen/cuda/CUDAContext.h is not included because it pulls in cuBLAS
-// and cuSPARSE headers this file has no use for.
+// names. ATen/cuda/CUDAContext.h is not included: it pulls in cuBLAS and
+// cuSPARSE headers, which this file does not use and which a toolkit with the
+// runtime headers only (as on CI, which compiles this file) does not have.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,7 +30,7 @@ static_assert(
     sizeof(at::BFloat16) == sizeof(__nv_bfloat16) &&
     alignof(at::BFloat16) == alignof(__nv_bfloat16));
 
-// The tensors of one call whose param and state dtypes match: one kernel.
+// The tensors of one call with the same (param dtype, state dtype): one kernel instance.
 struct DtypeGroup {
   at::ScalarType param_dtype;
   at::ScalarType state_dtype;

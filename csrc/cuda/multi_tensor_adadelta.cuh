@@ -15,9 +15,9 @@
 
 namespace adadelta_ext::cuda {
 
-// IEEE sqrt and division (no fast math: parity with torch) take 48 to 74
-// registers a thread; blocks of 256 fill an SM's register file more fully at
-// those counts than blocks of 512 do.
+// With IEEE sqrt and division (no fast math: parity with torch) a thread
+// takes 48 (float) to 72 (double) registers; blocks of 256 fill an SM's
+// register file more fully at those counts than blocks of 512 do.
 constexpr int kThreadsPerBlock = 256;
 constexpr int kChunkElements = 65536;
 // Elements per thread per pass of the element-wise path: its loads of one
@@ -233,6 +233,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_adadelta_kernel
     const __grid_constant__ MultiTensorLaunchMetadata metadata,
     const __grid_constant__ AdadeltaStepScalars<opmath_t<param_t>> scalars) {
   using opmath = opmath_t<param_t>;
+  // The scalars are read before any branch on them, so their loads overlap.
+  StepValues<opmath> step{scalars.hyper, scalars.grad_scale.address != nullptr, opmath(1)};
+  if (scalars.lr.address != nullptr) {
+    step.hyper.lr = read_scalar<opmath>(scalars.lr);
+  }
+  if (step.unscale_grad) {
+    step.grad_scale = read_scalar<opmath>(scalars.grad_scale);
+  }
   // GradScaler found an inf or NaN: the whole step is skipped, steps included.
   if (scalars.found_inf.address != nullptr &&
       read_scalar<double>(scalars.found_inf) != 0) {
@@ -251,14 +259,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_adadelta_kernel
       static_cast<param_t*>(metadata.grads[tensor]) + chunk_begin,
       static_cast<state_t*>(metadata.square_avgs[tensor]) + chunk_begin,
       static_cast<state_t*>(metadata.acc_deltas[tensor]) + chunk_begin};
-
-  StepValues<opmath> step{scalars.hyper, scalars.grad_scale.address != nullptr, opmath(1)};
-  if (scalars.lr.address != nullptr) {
-    step.hyper.lr = read_scalar<opmath>(scalars.lr);
-  }
-  if (step.unscale_grad) {
-    step.grad_scale = read_scalar<opmath>(scalars.grad_scale);
-  }
 
   // Where the element-wise path starts: past the whole vectors, if any.
   int elementwise_begin = 0;
