@@ -19,6 +19,7 @@ except ImportError:  # a torch built without torch.distributed
         """Stands in for torch.distributed.tensor.DTensor: nothing is an instance."""
 
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+_STATE_KEYS = ("square_avg", "acc_delta")
 
 
 def _kernel_view(tensor: Tensor) -> Tensor:
@@ -117,6 +118,7 @@ class FusedAdadelta(Optimizer):
         # so that state_dict() has torch.optim.Adadelta's layout.
         self.fp32_state = fp32_state
         super().__init__(params, defaults)
+        self.register_load_state_dict_pre_hook(FusedAdadelta._keep_float32_state)
         self.register_load_state_dict_post_hook(FusedAdadelta._place_loaded_state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -129,12 +131,30 @@ class FusedAdadelta(Optimizer):
             group.setdefault("capturable", False)
 
     @staticmethod
+    def _keep_float32_state(optimizer: FusedAdadelta, state_dict: dict[str, Any]) -> None:
+        """Before load_state_dict casts the state to each param's dtype: keep float32 state for fp32_state.
+
+        Without this, a float32 square_avg saved for a bfloat16 param would be
+        rounded to bfloat16 and back on the way in.
+        """
+        optimizer._float32_state_being_loaded = {}
+        if not optimizer.fp32_state:
+            return
+        saved_ids = (i for group in state_dict["param_groups"] for i in group["params"])
+        params = (p for group in optimizer.param_groups for p in group["params"])
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            if all(torch.is_tensor(saved.get(key)) and saved[key].dtype == torch.float32 for key in _STATE_KEYS):
+                optimizer._float32_state_being_loaded[param] = {key: saved[key] for key in _STATE_KEYS}
+
+    @staticmethod
     def _place_loaded_state(optimizer: FusedAdadelta) -> None:
-        """After load_state_dict: `step` on the param's device, state in float32 if asked.
+        """After load_state_dict: `step` on the param's device, state in the dtype this optimizer keeps.
 
         Optimizer.load_state_dict has already cast square_avg and acc_delta to
         the param's dtype and device, as torch does for every optimizer.
         """
+        float32_state = optimizer.__dict__.pop("_float32_state_being_loaded", {})
         for group in optimizer.param_groups:
             for param in group["params"]:
                 state = optimizer.state.get(param)
@@ -144,9 +164,9 @@ class FusedAdadelta(Optimizer):
                 if not torch.is_tensor(step):
                     step = torch.tensor(float(step), dtype=_scalar_dtype())
                 state["step"] = step.to(device=param.device)
-                if optimizer.fp32_state and param.dtype in _REDUCED_PRECISION:
-                    state["square_avg"] = state["square_avg"].float()
-                    state["acc_delta"] = state["acc_delta"].float()
+                for key in _STATE_KEYS:
+                    value = float32_state.get(param, state)[key]
+                    state[key] = value.to(device=param.device, dtype=optimizer._state_dtype(param))
 
     def _state_dtype(self, param: Tensor) -> torch.dtype:
         if self.fp32_state and param.dtype in _REDUCED_PRECISION:

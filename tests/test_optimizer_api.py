@@ -209,3 +209,23 @@ def test_every_cpu_kernel_build_gives_identical_results(tmp_path):
         for key, tensors in results["DEFAULT"].items():
             for default_tensor, isa_tensor in zip(tensors, results[isa][key], strict=True):
                 assert torch.equal(default_tensor, isa_tensor), f"{isa} differs from DEFAULT for {key}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_state_survives_a_checkpoint(dtype):
+    """Optimizer.load_state_dict casts state to the param's dtype; fp32_state keeps its float32 values whole."""
+    param = torch.nn.Parameter(torch.randn(1000, dtype=dtype))
+    param.grad = torch.randn_like(param)
+    saved = FusedAdadelta([param], fp32_state=True)
+    for _ in range(3):
+        saved.step()
+    checkpoint = save_and_load(saved.state_dict())
+    loaded = FusedAdadelta([param], fp32_state=True)
+    loaded.load_state_dict(checkpoint)
+    for key in ("square_avg", "acc_delta"):
+        assert loaded.state[param][key].dtype == torch.float32
+        assert torch.equal(loaded.state[param][key], saved.state[param][key])
+    # Into an optimizer that keeps state in the param's dtype, as torch.optim.Adadelta does.
+    plain = FusedAdadelta([param])
+    plain.load_state_dict(save_and_load(saved.state_dict()))
+    assert plain.state[param]["square_avg"].dtype == dtype
