@@ -55,10 +55,18 @@ class BuildExtensionPerIsa(BuildExtension):
 def extension():
     sources = ["csrc/fused_adadelta.cpp", "csrc/cpu/fused_adadelta_cpu.cpp"]
     cxx_flags = ["-O3"]
+    link_flags = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is a header template: its OpenMP pragmas run in
+        # parallel only when this extension is compiled with OpenMP too.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if len(CPU_KERNEL_FLAGS) > 1:
         cxx_flags.append("-DADADELTA_CPU_ISA_DISPATCH")
     if not build_cuda():
-        return CppExtension("adadelta_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension(
+            "adadelta_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     sources += ["csrc/cuda/fused_adadelta_cuda.cpp", "csrc/cuda/fused_adadelta_kernel.cu"]
     # No --use_fast_math: it changes sqrt and division and breaks parity with torch.
     # Machine code for A100 (sm_80) and H100 (sm_90), and sm_90's PTX, which the
@@ -70,6 +78,7 @@ def extension():
         "adadelta_ext._C",
         sources,
         extra_compile_args={"cxx": cxx_flags + ["-DADADELTA_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 
