@@ -25,7 +25,12 @@ CPU_KERNEL_FLAGS = {"DEFAULT": []}
 if platform.machine() in ("x86_64", "AMD64"):
     CPU_KERNEL_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
     CPU_KERNEL_FLAGS["AVX512"] = [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
     ]
 
 
@@ -40,7 +45,11 @@ class BuildExtensionPerIsa(BuildExtension):
     """Compiles CPU_KERNEL_SOURCE once per entry of CPU_KERNEL_FLAGS and links all of them."""
 
     def build_extension(self, ext):
-        cxx_flags = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+        cxx_flags = (
+            ext.extra_compile_args["cxx"]
+            if isinstance(ext.extra_compile_args, dict)
+            else ext.extra_compile_args
+        )
         for isa, isa_flags in CPU_KERNEL_FLAGS.items():
             ext.extra_objects += self.compiler.compile(
                 [CPU_KERNEL_SOURCE],
@@ -71,9 +80,11 @@ def extension():
     # No --use_fast_math: it changes sqrt and division and breaks parity with torch.
     # Machine code for A100 (sm_80) and H100 (sm_90), and sm_90's PTX, which the
     # driver compiles for GPUs newer than both.
-    nvcc_flags = ["-O3", "-lineinfo"] + [
-        f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in ("80", "90")
-    ] + ["-gencode=arch=compute_90,code=compute_90"]
+    nvcc_flags = (
+        ["-O3", "-lineinfo"]
+        + [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in ("80", "90")]
+        + ["-gencode=arch=compute_90,code=compute_90"]
+    )
     return CUDAExtension(
         "adadelta_ext._C",
         sources,

@@ -18,9 +18,7 @@ _OP = "adadelta_ext::fused_adadelta_"
 def backends() -> list[str]:
     """The devices this build has a fused Adadelta kernel for, e.g. ``["cpu", "cuda"]``."""
     return [
-        key.lower()
-        for key in ("CPU", "CUDA")
-        if torch._C._dispatch_has_kernel_for_dispatch_key(_OP, key)
+        key.lower() for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(_OP, key)
     ]
 
 

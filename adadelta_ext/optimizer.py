@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ except ImportError:  # a torch built without torch.distributed
 
     class DTensor:  # type: ignore[no-redef]
         """Stands in for torch.distributed.tensor.DTensor: nothing is an instance."""
+
 
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 _STATE_KEYS = ("square_avg", "acc_delta")
@@ -48,7 +49,8 @@ class FusedAdadelta(Optimizer):
     Per element, with ``g`` the gradient:
 
     .. math::
-        g &\leftarrow -g \text{ if maximize}, \quad g \leftarrow g + \lambda\theta \text{ if } \lambda \ne 0 \\
+        g &\leftarrow -g \text{ if maximize} \\
+        g &\leftarrow g + \lambda\theta \text{ if } \lambda \ne 0 \\
         v &\leftarrow \rho v + (1 - \rho) g^2 \\
         \Delta &\leftarrow \frac{\sqrt{u + \epsilon}}{\sqrt{v + \epsilon}}\, g \\
         u &\leftarrow \rho u + (1 - \rho) \Delta^2 \\
@@ -142,9 +144,12 @@ class FusedAdadelta(Optimizer):
             return
         saved_ids = (i for group in state_dict["param_groups"] for i in group["params"])
         params = (p for group in optimizer.param_groups for p in group["params"])
-        for saved_id, param in zip(saved_ids, params):
+        # Mismatched group sizes are load_state_dict's own error, raised after this hook.
+        for saved_id, param in zip(saved_ids, params, strict=False):
             saved = state_dict["state"].get(saved_id, {})
-            if all(torch.is_tensor(saved.get(key)) and saved[key].dtype == torch.float32 for key in _STATE_KEYS):
+            if all(
+                torch.is_tensor(saved.get(key)) and saved[key].dtype == torch.float32 for key in _STATE_KEYS
+            ):
                 optimizer._float32_state_being_loaded[param] = {key: saved[key] for key in _STATE_KEYS}
 
     @staticmethod
@@ -199,17 +204,18 @@ class FusedAdadelta(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        groups_params = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
-        # Lazy state initialization, undone if the kernel refuses the step.
-        created = [p for params in groups_params for p in params if not self.state[p]]
-        for p in created:
-            self._init_state(p)
+        created: list[Tensor] = []  # params whose state this step made, removed if the step is refused
+        groups_lists = []
+        for group in self.param_groups:
+            lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
+            self._init_group(group, *lists, created)
+            groups_lists.append(lists)
         try:
             calls = [
                 call
-                for group, params in zip(self.param_groups, groups_params, strict=True)
-                if params
-                for call in self._kernel_calls(group, params)
+                for group, lists in zip(self.param_groups, groups_lists, strict=True)
+                if lists[0]
+                for call in self._kernel_calls(group, lists)
             ]
             if len(calls) > 1:
                 # Several devices: check every call's tensors before changing any.
@@ -223,6 +229,34 @@ class FusedAdadelta(Optimizer):
             raise
         return loss
 
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        square_avgs: list[Tensor],
+        acc_deltas: list[Tensor],
+        state_steps: list[Tensor],
+        created: list[Tensor],
+    ) -> None:
+        """Fills the lists with the group's params that have grads and their tensors, creating missing state.
+
+        Named and called as in torch.optim.Adadelta: torch.compile then treats
+        these tensors as static, so mode="reduce-overhead" can capture the step
+        in a CUDA graph. Sparse grads, mismatched shapes or dtypes are left to
+        the op, which checks every tensor before it changes any.
+        """
+        params.extend(p for p in group["params"] if p.grad is not None)
+        new_params = [p for p in params if not self.state[p]]
+        for p in new_params:
+            self._init_state(p)
+        created.extend(new_params)
+        states = [self.state[p] for p in params]
+        grads.extend(p.grad for p in params)
+        square_avgs.extend(state["square_avg"] for state in states)
+        acc_deltas.extend(state["acc_delta"] for state in states)
+        state_steps.extend(state["step"] for state in states)
+
     def _init_state(self, param: Tensor) -> None:
         state = self.state[param]
         state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=param.device)
@@ -230,30 +264,22 @@ class FusedAdadelta(Optimizer):
         state["square_avg"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
         state["acc_delta"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
 
-    def _kernel_calls(self, group: dict[str, Any], params: list[Tensor]):
-        """The op calls for one param group: (tensor lists, options), one per device.
-
-        Sparse grads, mismatched shapes or dtypes are left to the op, which
-        checks every tensor before it changes any.
-        """
-        states = [self.state[p] for p in params]
-        lists = (
-            params,
-            [p.grad for p in params],
-            [state["square_avg"] for state in states],
-            [state["acc_delta"] for state in states],
-        )
+    def _kernel_calls(
+        self, group: dict[str, Any], lists: tuple[list[Tensor], ...]
+    ) -> Iterator[tuple[tuple[list[Tensor], ...], dict[str, Any]]]:
+        """The op calls for one param group's lists: (tensor lists, options), one per device."""
+        *tensor_lists, steps = lists
+        params = tensor_lists[0]
         if any(p.is_complex() or isinstance(p, DTensor) for p in params):
-            lists = tuple([_kernel_view(t) for t in tensors] for tensors in lists)
-        steps = [state["step"] for state in states]
+            tensor_lists = [[_kernel_view(t) for t in tensors] for tensors in tensor_lists]
 
         devices = list(dict.fromkeys(p.device for p in params))
         if len(devices) == 1:
-            per_device = {devices[0]: (*lists, steps)}
+            per_device = {devices[0]: (*tensor_lists, steps)}
         else:
             per_device = {device: ([], [], [], [], []) for device in devices}
             for index, p in enumerate(params):
-                for values, tensors in zip(per_device[p.device], (*lists, steps), strict=True):
+                for values, tensors in zip(per_device[p.device], (*tensor_lists, steps), strict=True):
                     values.append(tensors[index])
 
         grad_scale = getattr(self, "grad_scale", None)
@@ -262,12 +288,15 @@ class FusedAdadelta(Optimizer):
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != device:
                 lr = lr.item()
-            yield tensors, {
-                "lr": lr,
-                "rho": group["rho"],
-                "eps": group["eps"],
-                "weight_decay": group["weight_decay"],
-                "maximize": group["maximize"],
-                "grad_scale": None if grad_scale is None else grad_scale.to(device, non_blocking=True),
-                "found_inf": None if found_inf is None else found_inf.to(device, non_blocking=True),
-            }
+            yield (
+                tensors,
+                {
+                    "lr": lr,
+                    "rho": group["rho"],
+                    "eps": group["eps"],
+                    "weight_decay": group["weight_decay"],
+                    "maximize": group["maximize"],
+                    "grad_scale": None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                    "found_inf": None if found_inf is None else found_inf.to(device, non_blocking=True),
+                },
+            )

@@ -102,7 +102,9 @@ def test_whole_training_step_replays_in_a_cuda_graph():
 def test_capturable_with_cuda_tensor_lr_matches_torch():
     fused_model, torch_model = twin_models(small_model("cuda"))
     fused = FusedAdadelta(fused_model.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True)
-    reference = torch.optim.Adadelta(torch_model.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True)
+    reference = torch.optim.Adadelta(
+        torch_model.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True
+    )
     inputs = model_input(fused_model)
     for model, optimizer in ((fused_model, fused), (torch_model, reference)):
         for _ in range(5):
@@ -120,7 +122,9 @@ def test_tensor_of_more_than_2_pow_31_elements():
     free, _ = torch.cuda.mem_get_info()
     # param, grad, square_avg, acc_delta in float16, plus float32 reference slices.
     if free < 4 * 2 * numel + 2**30:
-        pytest.skip(f"needs about {4 * 2 * numel / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} free")
+        pytest.skip(
+            f"needs about {4 * 2 * numel / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} free"
+        )
     param = torch.nn.Parameter(torch.full((numel,), 1.0, dtype=torch.float16, device="cuda"))
     param.grad = torch.full_like(param, 0.5)
     param.grad[-4099:] = -0.25  # the tail past 2**31 gets another grad, so an index wrap would show

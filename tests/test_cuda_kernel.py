@@ -12,7 +12,6 @@ from optim_testing import requires_cuda
 
 from adadelta_ext import fused_adadelta_
 
-
 DTYPE_PAIRS = [
     (torch.float32, torch.float32),
     (torch.float64, torch.float64),

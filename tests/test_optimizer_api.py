@@ -66,10 +66,12 @@ def test_state_has_torch_keys_dtypes_and_shapes(device):
 @pytest.mark.parametrize("direction", ["fused_to_torch", "torch_to_fused"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_checkpoint_moves_between_optimizers(device, direction):
-    """Train 5 steps with one optimizer, save, load into the other, train 5 more: as if one optimizer did all 10."""
+    """5 steps with one optimizer, save, load into the other, 5 more steps: as if one optimizer did all 10."""
     kwargs = {"lr": 0.5, "rho": 0.95, "weight_decay": 0.01}
     first_class, second_class = (
-        (FusedAdadelta, torch.optim.Adadelta) if direction == "fused_to_torch" else (torch.optim.Adadelta, FusedAdadelta)
+        (FusedAdadelta, torch.optim.Adadelta)
+        if direction == "fused_to_torch"
+        else (torch.optim.Adadelta, FusedAdadelta)
     )
     switched_model, straight_model = twin_models(small_model(device))
     first = first_class(switched_model.parameters(), **kwargs)
@@ -83,7 +85,9 @@ def test_checkpoint_moves_between_optimizers(device, direction):
     train_steps(straight_model, straight, 10)
 
     torch.testing.assert_close(switched_model.state_dict(), straight_model.state_dict())
-    for ours, theirs in zip(second.state_dict()["state"].values(), straight.state_dict()["state"].values(), strict=True):
+    for ours, theirs in zip(
+        second.state_dict()["state"].values(), straight.state_dict()["state"].values(), strict=True
+    ):
         for key in ("square_avg", "acc_delta", "step"):
             torch.testing.assert_close(ours[key], theirs[key], check_device=False)
 
@@ -94,7 +98,10 @@ def test_param_groups_with_their_own_hyperparameters(device):
 
     def groups(model):
         first, *rest = model.parameters()
-        return [{"params": [first], "lr": 0.1, "rho": 0.5, "maximize": True}, {"params": rest, "weight_decay": 0.2}]
+        return [
+            {"params": [first], "lr": 0.1, "rho": 0.5, "maximize": True},
+            {"params": rest, "weight_decay": 0.2},
+        ]
 
     fused = FusedAdadelta(groups(fused_model), eps=1e-4)
     reference = torch.optim.Adadelta(groups(torch_model), eps=1e-4)
@@ -175,13 +182,15 @@ import adadelta_ext
 rng = np.random.default_rng(0)
 results = {"isa": adadelta_ext.cpu_kernel_isa()}
 for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-    params = [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(n)).to(dtype)) for n in (1, 7, 33, 1000, 70001)]
+    sizes = (1, 7, 33, 1000, 70001)
+    params = [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(n)).to(dtype)) for n in sizes]
     optimizer = adadelta_ext.FusedAdadelta(params, lr=0.5, weight_decay=0.1)
     for _ in range(5):
         for p in params:
             p.grad = torch.from_numpy(rng.standard_normal(p.shape)).to(dtype)
         optimizer.step()
-    results[str(dtype)] = [p.detach() for p in params] + [optimizer.state[p][key] for p in params for key in ("square_avg", "acc_delta")]
+    state = [optimizer.state[p][key] for p in params for key in ("square_avg", "acc_delta")]
+    results[str(dtype)] = [p.detach() for p in params] + state
 torch.save(results, sys.argv[1])
 """
 
@@ -194,7 +203,7 @@ def isas_this_cpu_runs() -> list[str]:
 
 
 def test_every_cpu_kernel_build_gives_identical_results(tmp_path):
-    """Each instruction-set build of the CPU kernel, forced as torch's own are, rounds alike (no FMA contraction)."""
+    """Every instruction-set build of the CPU kernel (forced as torch forces its own) rounds alike."""
     isas = isas_this_cpu_runs()
     if len(isas) == 1:
         pytest.skip(f"this CPU runs only the {isas[0]} kernel")
@@ -213,7 +222,7 @@ def test_every_cpu_kernel_build_gives_identical_results(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fp32_state_survives_a_checkpoint(dtype):
-    """Optimizer.load_state_dict casts state to the param's dtype; fp32_state keeps its float32 values whole."""
+    """load_state_dict casts state to the param's dtype; fp32_state keeps its float32 values whole."""
     param = torch.nn.Parameter(torch.randn(1000, dtype=dtype))
     param.grad = torch.randn_like(param)
     saved = FusedAdadelta([param], fp32_state=True)

@@ -41,7 +41,10 @@ LOW_PRECISION_SLACK = 1.01
 
 def pytorch_configs(device: str) -> list:
     """PyTorch's Adadelta test configurations for `device`, as pytest params named by their description."""
-    return [pytest.param(config.kwargs, id=config.desc.replace(" ", "_")) for config in optim_inputs_func_adadelta(device)]
+    return [
+        pytest.param(config.kwargs, id=config.desc.replace(" ", "_"))
+        for config in optim_inputs_func_adadelta(device)
+    ]
 
 
 def config_cases():
@@ -125,7 +128,9 @@ def test_matches_torch_step_by_step(device, kwargs, dtype, foreach):
         reference.step()
         assert_same_values(optimizer_tensors(fused, params), optimizer_tensors(reference, twin))
         with torch.no_grad():
-            for ours, theirs in zip(optimizer_tensors(fused, params), optimizer_tensors(reference, twin), strict=True):
+            for ours, theirs in zip(
+                optimizer_tensors(fused, params), optimizer_tensors(reference, twin), strict=True
+            ):
                 ours.copy_(theirs)
 
 
@@ -156,7 +161,9 @@ def test_matches_tutorial_reference(device, dtype):
         set_random_grads([params, twin], step)
         fused.step()
         tutorial_adadelta(twin, sqrs, deltas, rho=0.9)
-    ours = [p.detach() for p in params] + [fused.state[p][key] for key in ("square_avg", "acc_delta") for p in params]
+    ours = [p.detach() for p in params] + [
+        fused.state[p][key] for key in ("square_avg", "acc_delta") for p in params
+    ]
     tutorial = [p.detach() for p in twin] + sqrs + deltas
     assert_same_values(ours, tutorial)
 
@@ -245,7 +252,9 @@ def low_precision_errors(shapes, device, dtype, kwargs, fp32_state=False) -> dic
             for tensor in exact_tensors:
                 tensor.copy_(tensor.to(dtype))
             for optimizer, run_params in runs.values():
-                for tensor, exact_tensor in zip(run_params + state_tensors(optimizer, run_params), exact_tensors, strict=True):
+                for tensor, exact_tensor in zip(
+                    run_params + state_tensors(optimizer, run_params), exact_tensors, strict=True
+                ):
                     tensor.copy_(exact_tensor)
     return {name: (params_sq**0.5, state_sq**0.5) for name, (params_sq, state_sq) in squared.items()}
 
@@ -255,7 +264,9 @@ def assert_error_at_most_torch(errors: dict[str, tuple[float, float]]) -> None:
     assert fused_params <= LOW_PRECISION_SLACK * torch_params, (
         f"params: FusedAdadelta error {fused_params:.4g} > torch's {torch_params:.4g}"
     )
-    assert fused_state <= torch_state, f"state: FusedAdadelta error {fused_state:.4g} > torch's {torch_state:.4g}"
+    assert fused_state <= torch_state, (
+        f"state: FusedAdadelta error {fused_state:.4g} > torch's {torch_state:.4g}"
+    )
 
 
 @pytest.mark.parametrize("fp32_state", [False, True], ids=["state_in_param_dtype", "fp32_state"])

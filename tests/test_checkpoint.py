@@ -1,0 +1,280 @@
+"""FusedAdadelta checkpoints: save, load, carry on as if never interrupted.
+
+Every checkpoint goes through `save_and_load` (torch.save then torch.load):
+Optimizer.load_state_dict does not copy tensors, so without it the "loaded"
+optimizer would share its state with the saved one and a round trip could not fail.
+
+Tolerances: a FusedAdadelta run compared with another FusedAdadelta run is exact
+(rtol=0, atol=0): the same kernel on the same values gives the same bits. Compared
+with torch.optim.Adadelta, float32/float64 use assert_close's defaults (float32:
+rtol 1.3e-6, atol 1e-5; float64: rtol 1e-7, atol 1e-7), as in test_parity.py.
+(The basic checkpoint interop with torch.optim.Adadelta is in test_optimizer_api.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_testing import DEVICES, FLOAT_DTYPES, requires_cuda, save_and_load, small_model, train_steps
+
+from adadelta_ext import FusedAdadelta
+
+OPTIONS = {
+    "defaults": {},
+    "lr_rho_weight_decay_maximize": {"lr": 0.5, "rho": 0.8, "weight_decay": 0.1, "maximize": True},
+    "tensor_lr": {"lr": torch.tensor(0.5)},
+    "fp32_state": {"fp32_state": True},
+}
+
+
+def fresh_kwargs(kwargs: dict) -> dict:
+    """The kwargs with a tensor lr of its own: an optimizer may change its lr in place (schedulers do)."""
+    return {key: value.clone() if torch.is_tensor(value) else value for key, value in kwargs.items()}
+
+
+def scrambled(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every param overwritten, so that a test can only pass if loading restores them."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.25)
+    return model
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    return optimizer.state_dict()["state"]
+
+
+@pytest.mark.parametrize("kwargs", list(OPTIONS.values()), ids=list(OPTIONS))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_round_trip_continues_exactly_as_uninterrupted_training(device, dtype, kwargs):
+    """Train 3 steps, save model and optimizer, load both into new objects, train 3 more:
+    bit for bit what 6 uninterrupted steps give, and the loaded state is the saved state."""
+    interrupted_model = small_model(device, dtype)
+    interrupted = FusedAdadelta(interrupted_model.parameters(), **fresh_kwargs(kwargs))
+    train_steps(interrupted_model, interrupted, 3)
+    checkpoint = save_and_load(
+        {"model": interrupted_model.state_dict(), "optimizer": interrupted.state_dict()}
+    )
+
+    resumed_model = scrambled(small_model(device, dtype))
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = FusedAdadelta(resumed_model.parameters(), **fresh_kwargs(kwargs))
+    resumed.load_state_dict(checkpoint["optimizer"])
+    torch.testing.assert_close(
+        resumed.state_dict(), checkpoint["optimizer"], rtol=0, atol=0, msg="loading changed the state"
+    )
+    train_steps(resumed_model, resumed, 3)
+
+    uninterrupted_model = small_model(device, dtype)
+    uninterrupted = FusedAdadelta(uninterrupted_model.parameters(), **fresh_kwargs(kwargs))
+    train_steps(uninterrupted_model, uninterrupted, 6)
+
+    torch.testing.assert_close(resumed_model.state_dict(), uninterrupted_model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(resumed.state_dict(), uninterrupted.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loaded_step_counters_live_on_the_param_device_in_torchs_dtype(device):
+    """torch.optim.Adadelta leaves a loaded `step` where the checkpoint had it; FusedAdadelta puts it on
+    the param's device (the kernel increments it there), in the dtype torch gives it."""
+    model = small_model(device)
+    optimizer = FusedAdadelta(model.parameters())
+    train_steps(model, optimizer, 2)
+    checkpoint = optimizer.state_dict()
+    loaded = FusedAdadelta(model.parameters())
+    loaded.load_state_dict(save_and_load(checkpoint))
+    reference = torch.optim.Adadelta(model.parameters())
+    reference.load_state_dict(save_and_load(checkpoint))
+    for p in model.parameters():
+        step = loaded.state[p]["step"]
+        assert step.device == p.device
+        assert step.dtype == reference.state[p]["step"].dtype
+        assert step.item() == 2
+
+
+def build_with_late_group(optimizer_class, model, kwargs=None):
+    """An optimizer over all but the last layer; the last layer joins later, with its own hyperparameters."""
+    *early, last = model
+    early_params = [p for layer in early for p in layer.parameters()]
+    optimizer = optimizer_class(early_params, lr=0.7, **(kwargs or {}))
+    return optimizer, {"params": list(last.parameters()), "lr": 0.3, "rho": 0.5, "weight_decay": 0.1}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_group_added_later_survives_a_checkpoint_like_torchs(device):
+    """3 steps, add_param_group, 3 steps, save, load into a new optimizer built the same way, 3 steps:
+    FusedAdadelta ends where torch.optim.Adadelta, doing the same, ends (float32 default tolerance)."""
+    results = {}
+    for optimizer_class in (FusedAdadelta, torch.optim.Adadelta):
+        model = small_model(device)
+        optimizer, late_group = build_with_late_group(optimizer_class, model)
+        train_steps(model, optimizer, 3)
+        optimizer.add_param_group(late_group)
+        train_steps(model, optimizer, 3)
+        checkpoint = save_and_load({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+        resumed_model = scrambled(small_model(device))
+        resumed_model.load_state_dict(checkpoint["model"])
+        resumed, late_group = build_with_late_group(optimizer_class, resumed_model)
+        resumed.add_param_group(late_group)
+        resumed.load_state_dict(checkpoint["optimizer"])
+        train_steps(resumed_model, resumed, 3)
+        results[optimizer_class] = (resumed_model, resumed)
+
+    (fused_model, fused), (torch_model, reference) = results[FusedAdadelta], results[torch.optim.Adadelta]
+    assert fused.state_dict()["param_groups"] == reference.state_dict()["param_groups"]
+    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict())
+    torch.testing.assert_close(optimizer_state(fused), optimizer_state(reference), check_device=False)
+    last_weight = fused_model[-1].weight
+    assert fused.state[last_weight]["step"].item() == 6, "the late group stepped 3 times before and 3 after"
+
+
+DTYPE_CHANGES = [
+    (torch.float32, torch.float64),
+    (torch.float64, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.bfloat16),
+]
+
+
+def dtype_change_id(change):
+    saved, loaded = change
+    return f"{str(saved).removeprefix('torch.')}_into_{str(loaded).removeprefix('torch.')}"
+
+
+@pytest.mark.parametrize("change", DTYPE_CHANGES, ids=dtype_change_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_loaded_into_a_model_of_another_dtype_is_cast_as_torch_casts(device, change):
+    """square_avg and acc_delta become the param's dtype (exactly `saved.to(dtype)`); step keeps its dtype."""
+    saved_dtype, loaded_dtype = change
+    saved_model = small_model(device, saved_dtype)
+    saved = FusedAdadelta(saved_model.parameters())
+    train_steps(saved_model, saved, 3)
+    checkpoint = saved.state_dict()
+
+    loaded_model = small_model(device, loaded_dtype)
+    loaded = FusedAdadelta(loaded_model.parameters())
+    loaded.load_state_dict(save_and_load(checkpoint))
+    reference = torch.optim.Adadelta(loaded_model.parameters())
+    reference.load_state_dict(save_and_load(checkpoint))
+
+    for index, p in enumerate(loaded_model.parameters()):
+        for key in ("square_avg", "acc_delta"):
+            assert loaded.state[p][key].dtype == loaded_dtype
+            torch.testing.assert_close(
+                loaded.state[p][key], checkpoint["state"][index][key].to(loaded_dtype), rtol=0, atol=0
+            )
+        assert loaded.state[p]["step"].dtype == reference.state[p]["step"].dtype
+    torch.testing.assert_close(optimizer_state(loaded), optimizer_state(reference), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "change", [(torch.float32, torch.float64), (torch.float64, torch.float32)], ids=dtype_change_id
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_continues_in_the_new_dtype_like_torch(device, change):
+    saved_dtype, loaded_dtype = change
+    saved_model = small_model(device, saved_dtype)
+    saved = FusedAdadelta(saved_model.parameters(), lr=0.5)
+    train_steps(saved_model, saved, 3)
+    checkpoint = save_and_load({"model": saved_model.state_dict(), "optimizer": saved.state_dict()})
+
+    results = []
+    for optimizer_class in (FusedAdadelta, torch.optim.Adadelta):
+        model = small_model(device, loaded_dtype)
+        model.load_state_dict(checkpoint["model"])
+        optimizer = optimizer_class(model.parameters(), lr=0.5)
+        optimizer.load_state_dict(save_and_load(checkpoint["optimizer"]))
+        train_steps(model, optimizer, 3)
+        results.append((model, optimizer))
+
+    (fused_model, fused), (torch_model, reference) = results
+    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict())
+    torch.testing.assert_close(optimizer_state(fused), optimizer_state(reference), check_device=False)
+
+
+@pytest.mark.parametrize("saved_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_state_keeps_a_float32_checkpoint_state_exactly(device, saved_dtype):
+    """A bfloat16 model with fp32_state=True loads float32 state as it was saved, not rounded to bfloat16.
+
+    The float32 state comes from a float32 run, or from a bfloat16 run with fp32_state=True itself.
+    """
+    saved_model = small_model(device, saved_dtype)
+    saved = FusedAdadelta(saved_model.parameters(), fp32_state=True)
+    train_steps(saved_model, saved, 3)
+    checkpoint = saved.state_dict()
+
+    loaded_model = small_model(device, torch.bfloat16)
+    loaded = FusedAdadelta(loaded_model.parameters(), fp32_state=True)
+    loaded.load_state_dict(save_and_load(checkpoint))
+
+    for index, p in enumerate(loaded_model.parameters()):
+        for key in ("square_avg", "acc_delta"):
+            assert loaded.state[p][key].dtype == torch.float32
+            torch.testing.assert_close(loaded.state[p][key], checkpoint["state"][index][key], rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("direction", ["cpu_into_cuda", "cuda_into_cpu"])
+def test_state_loaded_onto_another_device_moves_there_and_training_continues_like_torch(direction):
+    saved_device, loaded_device = direction.split("_into_")
+    saved_model = small_model(saved_device)
+    saved = FusedAdadelta(saved_model.parameters(), lr=0.5)
+    train_steps(saved_model, saved, 3)
+    checkpoint = save_and_load({"model": saved_model.state_dict(), "optimizer": saved.state_dict()})
+
+    results = []
+    for optimizer_class in (FusedAdadelta, torch.optim.Adadelta):
+        model = small_model(loaded_device)
+        model.load_state_dict(checkpoint["model"])
+        optimizer = optimizer_class(model.parameters(), lr=0.5)
+        optimizer.load_state_dict(save_and_load(checkpoint["optimizer"]))
+        if optimizer_class is FusedAdadelta:
+            for p in model.parameters():
+                assert all(value.device == p.device for value in optimizer.state[p].values())
+        train_steps(model, optimizer, 3)
+        results.append((model, optimizer))
+
+    (fused_model, fused), (torch_model, reference) = results
+    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict())
+    torch.testing.assert_close(optimizer_state(fused), optimizer_state(reference), check_device=False)
+
+
+def two_layer_model(device, hidden, outputs):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.Linear(hidden, outputs)).to(device)
+
+
+MISMATCHES = {
+    # (hidden, outputs) of the saved model; the loaded one has hidden=4, outputs=2.
+    "first_param": ((5, 2), r"square_avgs\[0\] has shape \[5, 3\] but params\[0\] has shape \[4, 3\]"),
+    "last_params": ((4, 3), r"square_avgs\[2\] has shape \[3, 4\] but params\[2\] has shape \[2, 4\]"),
+}
+
+
+@pytest.mark.parametrize("mismatch", list(MISMATCHES), ids=list(MISMATCHES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_of_other_shapes_is_refused_at_step_and_changes_nothing(device, mismatch):
+    """Optimizer.load_state_dict checks only the number of params; step() names the first mismatch
+    and leaves every param (also those before it) and the loaded state as they were."""
+    (hidden, outputs), message = MISMATCHES[mismatch]
+    saved_model = two_layer_model(device, hidden, outputs)
+    saved = FusedAdadelta(saved_model.parameters())
+    saved_model(torch.randn(2, 3, device=device)).sum().backward()
+    saved.step()
+
+    model = two_layer_model(device, 4, 2)
+    optimizer = FusedAdadelta(model.parameters())
+    optimizer.load_state_dict(save_and_load(saved.state_dict()))
+    model(torch.randn(2, 3, device=device)).sum().backward()
+    params_before = [p.detach().clone() for p in model.parameters()]
+    state_before = save_and_load(optimizer.state_dict())
+
+    with pytest.raises(RuntimeError, match=message):
+        optimizer.step()
+
+    torch.testing.assert_close(list(model.parameters()), params_before, rtol=0, atol=0)
+    torch.testing.assert_close(optimizer.state_dict(), state_before, rtol=0, atol=0)

@@ -1,0 +1,221 @@
+"""FusedAdadelta under torch.compile, and the op's registrations as torch.library.opcheck checks them.
+
+Tolerances:
+- A compiled FusedAdadelta step runs the same C++/CUDA kernel as an eager one (the op is
+  opaque to Inductor), so compiling only `optimizer.step()` must give the same bits
+  (rtol=0, atol=0).
+- A compiled whole training step also compiles forward and backward, which Inductor may
+  fuse and reorder, so it is compared with eager with assert_close's defaults for the
+  dtype (float32: rtol 1.3e-6, atol 1e-5; float64: rtol 1e-7, atol 1e-7).
+- Against eager torch.optim.Adadelta, the same defaults (as in test_parity.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_testing import DEVICES, FLOAT_DTYPES, model_input, requires_cuda, small_model, twin_models
+from torch._dynamo.utils import counters
+
+from adadelta_ext import FusedAdadelta
+
+STEPS = 4
+
+OPTIONS = {
+    "defaults": {},
+    "lr_rho_weight_decay_maximize": {"lr": 0.5, "rho": 0.8, "weight_decay": 0.1, "maximize": True},
+    "tensor_lr": {"lr": torch.tensor(0.5)},
+}
+
+
+# fp32_state (float32 square_avg/acc_delta) exists for float16/bfloat16 params only.
+DTYPES_AND_STATE = [
+    pytest.param(
+        dtype,
+        fp32_state,
+        id=f"{str(dtype).removeprefix('torch.')}-{'fp32_state' if fp32_state else 'param_dtype_state'}",
+    )
+    for dtype in FLOAT_DTYPES
+    for fp32_state in ((False, True) if dtype in (torch.float16, torch.bfloat16) else (False,))
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: no cached graph or counter from another test."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def optimizer_kwargs(options: dict, device) -> dict:
+    """The options, with a tensor lr of this optimizer's own on `device`."""
+    return {
+        key: value.clone().to(device) if torch.is_tensor(value) else value for key, value in options.items()
+    }
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor) -> None:
+    optimizer.zero_grad()
+    model(inputs).square().mean().backward()
+    optimizer.step()
+
+
+def train(model, optimizer, step_function, steps=STEPS):
+    inputs = model_input(model)
+    for _ in range(steps):
+        step_function(model, optimizer, inputs)
+
+
+def state_tensors(optimizer: torch.optim.Optimizer) -> dict:
+    return optimizer.state_dict()["state"]
+
+
+WHOLE_STEP_CASES = [
+    pytest.param(torch.float32, "defaults", id="float32-defaults"),
+    pytest.param(torch.float32, "lr_rho_weight_decay_maximize", id="float32-lr_rho_weight_decay_maximize"),
+    pytest.param(torch.float32, "tensor_lr", id="float32-tensor_lr"),
+    pytest.param(torch.float64, "lr_rho_weight_decay_maximize", id="float64-lr_rho_weight_decay_maximize"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "option"), WHOLE_STEP_CASES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_training_step_matches_eager_fused_and_eager_torch(device, dtype, option):
+    """forward + backward + optimizer.step() under torch.compile, 4 steps: what eager FusedAdadelta
+    and eager torch.optim.Adadelta give (forward/backward recompiled by Inductor: default tolerances)."""
+    compiled_model, eager_model = twin_models(small_model(device, dtype))
+    torch_model = twin_models(eager_model)[1]
+    compiled = FusedAdadelta(compiled_model.parameters(), **optimizer_kwargs(OPTIONS[option], device))
+    eager = FusedAdadelta(eager_model.parameters(), **optimizer_kwargs(OPTIONS[option], device))
+    reference = torch.optim.Adadelta(torch_model.parameters(), **optimizer_kwargs(OPTIONS[option], device))
+
+    train(compiled_model, compiled, torch.compile(training_step))
+    train(eager_model, eager, training_step)
+    train(torch_model, reference, training_step)
+
+    assert counters["stats"]["calls_captured"] > 0, "torch.compile must have traced something"
+    torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict())
+    torch.testing.assert_close(state_tensors(compiled), state_tensors(eager))
+    torch.testing.assert_close(compiled_model.state_dict(), torch_model.state_dict())
+    torch.testing.assert_close(state_tensors(compiled), state_tensors(reference), check_device=False)
+
+
+@pytest.mark.parametrize("lr_kind", ["float_lr", "tensor_lr"])
+@pytest.mark.parametrize(("dtype", "fp32_state"), DTYPES_AND_STATE)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp32_state, lr_kind):
+    """`torch.compile(optimizer.step, fullgraph=True)` traces without a graph break and, with the lr
+    changed between steps as a scheduler would (a float: recompiles; a tensor: changed in place),
+    gives exactly what eager FusedAdadelta gives (rtol=0, atol=0: the same kernel runs)."""
+    compiled_model, eager_model = twin_models(small_model(device, dtype))
+    lr = torch.tensor(0.8, device=device) if lr_kind == "tensor_lr" else 0.8
+    optimizers = [
+        FusedAdadelta(
+            model.parameters(),
+            lr=optimizer_kwargs({"lr": lr}, device)["lr"],
+            weight_decay=0.1,
+            fp32_state=fp32_state,
+        )
+        for model in (compiled_model, eager_model)
+    ]
+    compiled_step = torch.compile(optimizers[0].step, fullgraph=True)
+    inputs = model_input(compiled_model)
+    for _ in range(STEPS):
+        for model, optimizer, step in zip(
+            (compiled_model, eager_model), optimizers, (compiled_step, optimizers[1].step), strict=True
+        ):
+            optimizer.zero_grad()
+            model(inputs).square().mean().backward()
+            step()
+            group = optimizer.param_groups[0]
+            if lr_kind == "tensor_lr":
+                group["lr"].mul_(0.5)
+            else:
+                group["lr"] *= 0.5
+
+    assert counters["stats"]["calls_captured"] > 0, "torch.compile must have traced the step"
+    torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(state_tensors(optimizers[0]), state_tensors(optimizers[1]), rtol=0, atol=0)
+
+
+@requires_cuda
+def test_reduce_overhead_training_step_replays_cuda_graphs_and_matches_eager():
+    """mode="reduce-overhead" (CUDA graph trees) with capturable=True and a CUDA tensor lr, decayed in
+    place between steps: no graph of the step is left out of CUDA graphs, and the result is eager
+    FusedAdadelta's and eager torch.optim.Adadelta's (float32 defaults: Inductor recompiles
+    forward and backward)."""
+    compiled_model, eager_model = twin_models(small_model("cuda"))
+    torch_model = twin_models(eager_model)[1]
+    kwargs = {"capturable": True, "weight_decay": 0.1}
+    compiled = FusedAdadelta(compiled_model.parameters(), lr=torch.tensor(0.5, device="cuda"), **kwargs)
+    eager = FusedAdadelta(eager_model.parameters(), lr=torch.tensor(0.5, device="cuda"), **kwargs)
+    reference = torch.optim.Adadelta(torch_model.parameters(), lr=torch.tensor(0.5, device="cuda"), **kwargs)
+    inputs = model_input(compiled_model)
+    compiled_step = torch.compile(training_step, mode="reduce-overhead")
+
+    for _ in range(6):
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled_step(compiled_model, compiled, inputs)
+        training_step(eager_model, eager, inputs)
+        training_step(torch_model, reference, inputs)
+        for optimizer in (compiled, eager, reference):
+            optimizer.param_groups[0]["lr"].mul_(0.9)
+    torch.cuda.synchronize()
+
+    assert counters["inductor"]["cudagraph_skips"] == 0, "a graph ran outside CUDA graphs"
+    torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict())
+    torch.testing.assert_close(state_tensors(compiled), state_tensors(eager))
+    torch.testing.assert_close(compiled_model.state_dict(), torch_model.state_dict())
+    torch.testing.assert_close(state_tensors(compiled), state_tensors(reference))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library.opcheck: the schema matches what the kernel mutates, there is no autograd
+# formula to miss (the op is a no-grad update), the fake kernel agrees with the real one, and
+# AOTAutograd with dynamic shapes traces it. The op mutates its list arguments and returns nothing.
+# --------------------------------------------------------------------------------------------
+
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+OP_OPTIONS = {
+    "plain": {},
+    "weight_decay_maximize": {"weight_decay": 0.1, "maximize": True},
+    "grad_scale": {"grad_scale": 4.0, "found_inf": 0.0},
+    "found_inf_set": {"grad_scale": 4.0, "found_inf": 1.0},
+}
+
+
+def op_arguments(device, dtype, overload, option, fp32_state):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (0,), (), (17,)]
+    state_dtype = torch.float32 if fp32_state else dtype
+
+    def tensors(make, dtype):
+        return [make(shape, generator=generator).to(device, dtype) for shape in shapes]
+
+    args = (
+        tensors(torch.randn, dtype),
+        tensors(torch.randn, dtype),
+        tensors(torch.rand, state_dtype),
+        tensors(torch.rand, state_dtype),
+        [torch.tensor(3.0, device=device) for _ in shapes],
+    )
+    kwargs = {"lr": 0.5, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False}
+    for key, value in OP_OPTIONS[option].items():
+        kwargs[key] = torch.tensor(value, device=device) if key in ("grad_scale", "found_inf") else value
+    if overload == "tensor_lr":
+        kwargs["lr"] = torch.tensor(kwargs["lr"], device=device)
+    return args, kwargs
+
+
+@pytest.mark.parametrize("option", list(OP_OPTIONS))
+@pytest.mark.parametrize("overload", ["default", "tensor_lr"])
+@pytest.mark.parametrize(("dtype", "fp32_state"), DTYPES_AND_STATE)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_passes(device, dtype, fp32_state, overload, option):
+    op = getattr(torch.ops.adadelta_ext.fused_adadelta_, overload)
+    args, kwargs = op_arguments(device, dtype, overload, option, fp32_state)
+    results = torch.library.opcheck(op, args, kwargs, test_utils=OPCHECK_TESTS, raise_exception=False)
+    assert results == dict.fromkeys(OPCHECK_TESTS, "SUCCESS")
