@@ -193,20 +193,13 @@ void check_fused_adadelta_inputs_op(
 
 // Sparse grads select the op's sparse dispatch keys. Refuse them there, with
 // the checks (and messages) of every dense backend, before anything changes.
-template <typename Lr>
 void refuse_sparse(
     at::TensorList params,
     at::TensorList grads,
     at::TensorList square_avgs,
     at::TensorList acc_deltas,
     at::TensorList state_steps,
-    Lr /*lr*/,
-    double /*rho*/,
-    double /*eps*/,
-    double /*weight_decay*/,
-    bool /*maximize*/,
-    const std::optional<at::Tensor>& /*grad_scale*/,
-    const std::optional<at::Tensor>& /*found_inf*/) {
+    const FusedAdadeltaOptions& /*options*/) {
   check_fused_adadelta_inputs(params, grads, square_avgs, acc_deltas, state_steps);
   TORCH_CHECK(false, "fused_adadelta_: FusedAdadelta does not support sparse gradients");
 }
@@ -240,13 +233,13 @@ TORCH_LIBRARY_IMPL(adadelta_ext, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, SparseCPU, m) {
-  m.impl("fused_adadelta_", &refuse_sparse<double>);
-  m.impl("fused_adadelta_.tensor_lr", &refuse_sparse<const at::Tensor&>);
+  m.impl("fused_adadelta_", &FusedAdadeltaOverloads<&refuse_sparse>::float_lr);
+  m.impl("fused_adadelta_.tensor_lr", &FusedAdadeltaOverloads<&refuse_sparse>::tensor_lr);
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, SparseCUDA, m) {
-  m.impl("fused_adadelta_", &refuse_sparse<double>);
-  m.impl("fused_adadelta_.tensor_lr", &refuse_sparse<const at::Tensor&>);
+  m.impl("fused_adadelta_", &FusedAdadeltaOverloads<&refuse_sparse>::float_lr);
+  m.impl("fused_adadelta_.tensor_lr", &FusedAdadeltaOverloads<&refuse_sparse>::tensor_lr);
 }
 
 } // namespace adadelta_ext

@@ -36,6 +36,56 @@ void check_fused_adadelta_options(
     const at::Device& device,
     const FusedAdadeltaOptions& options);
 
+// One backend's implementation, given the op's scalar arguments as options.
+using FusedAdadeltaImpl = void (*)(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    const FusedAdadeltaOptions& options);
+
+// The op's two overloads (float lr, tensor lr) as kernels for m.impl, both
+// calling Impl, so each backend writes its implementation once.
+template <FusedAdadeltaImpl Impl>
+struct FusedAdadeltaOverloads {
+  static void float_lr(
+      at::TensorList params,
+      at::TensorList grads,
+      at::TensorList square_avgs,
+      at::TensorList acc_deltas,
+      at::TensorList state_steps,
+      double lr,
+      double rho,
+      double eps,
+      double weight_decay,
+      bool maximize,
+      const std::optional<at::Tensor>& grad_scale,
+      const std::optional<at::Tensor>& found_inf) {
+    Impl(
+        params, grads, square_avgs, acc_deltas, state_steps,
+        {lr, std::nullopt, rho, eps, weight_decay, maximize, grad_scale, found_inf});
+  }
+
+  static void tensor_lr(
+      at::TensorList params,
+      at::TensorList grads,
+      at::TensorList square_avgs,
+      at::TensorList acc_deltas,
+      at::TensorList state_steps,
+      const at::Tensor& lr,
+      double rho,
+      double eps,
+      double weight_decay,
+      bool maximize,
+      const std::optional<at::Tensor>& grad_scale,
+      const std::optional<at::Tensor>& found_inf) {
+    Impl(
+        params, grads, square_avgs, acc_deltas, state_steps,
+        {0.0, lr, rho, eps, weight_decay, maximize, grad_scale, found_inf});
+  }
+};
+
 // The kernels walk each param's four tensors as flat arrays with one index.
 // That holds when all four are dense and laid out alike (contiguous, or a
 // transposed param whose state was made with zeros_like). Any other param

@@ -130,47 +130,11 @@ void fused_adadelta_cpu_impl(
   increment_steps(state_steps);
 }
 
-void fused_adadelta_cpu(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList square_avgs,
-    at::TensorList acc_deltas,
-    at::TensorList state_steps,
-    double lr,
-    double rho,
-    double eps,
-    double weight_decay,
-    bool maximize,
-    const std::optional<at::Tensor>& grad_scale,
-    const std::optional<at::Tensor>& found_inf) {
-  fused_adadelta_cpu_impl(
-      params, grads, square_avgs, acc_deltas, state_steps,
-      {lr, std::nullopt, rho, eps, weight_decay, maximize, grad_scale, found_inf});
-}
-
-void fused_adadelta_cpu_tensor_lr(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList square_avgs,
-    at::TensorList acc_deltas,
-    at::TensorList state_steps,
-    const at::Tensor& lr,
-    double rho,
-    double eps,
-    double weight_decay,
-    bool maximize,
-    const std::optional<at::Tensor>& grad_scale,
-    const std::optional<at::Tensor>& found_inf) {
-  fused_adadelta_cpu_impl(
-      params, grads, square_avgs, acc_deltas, state_steps,
-      {0.0, lr, rho, eps, weight_decay, maximize, grad_scale, found_inf});
-}
-
 } // namespace
 
 TORCH_LIBRARY_IMPL(adadelta_ext, CPU, m) {
-  m.impl("fused_adadelta_", &fused_adadelta_cpu);
-  m.impl("fused_adadelta_.tensor_lr", &fused_adadelta_cpu_tensor_lr);
+  m.impl("fused_adadelta_", &FusedAdadeltaOverloads<&fused_adadelta_cpu_impl>::float_lr);
+  m.impl("fused_adadelta_.tensor_lr", &FusedAdadeltaOverloads<&fused_adadelta_cpu_impl>::tensor_lr);
 }
 
 // Which instruction set the CPU kernel runs with: "AVX512", "AVX2" or "DEFAULT".

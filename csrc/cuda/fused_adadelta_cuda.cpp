@@ -162,47 +162,11 @@ void fused_adadelta_cuda_impl(
   flat.write_back();
 }
 
-void fused_adadelta_cuda(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList square_avgs,
-    at::TensorList acc_deltas,
-    at::TensorList state_steps,
-    double lr,
-    double rho,
-    double eps,
-    double weight_decay,
-    bool maximize,
-    const std::optional<at::Tensor>& grad_scale,
-    const std::optional<at::Tensor>& found_inf) {
-  fused_adadelta_cuda_impl(
-      params, grads, square_avgs, acc_deltas, state_steps,
-      {lr, std::nullopt, rho, eps, weight_decay, maximize, grad_scale, found_inf});
-}
-
-void fused_adadelta_cuda_tensor_lr(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList square_avgs,
-    at::TensorList acc_deltas,
-    at::TensorList state_steps,
-    const at::Tensor& lr,
-    double rho,
-    double eps,
-    double weight_decay,
-    bool maximize,
-    const std::optional<at::Tensor>& grad_scale,
-    const std::optional<at::Tensor>& found_inf) {
-  fused_adadelta_cuda_impl(
-      params, grads, square_avgs, acc_deltas, state_steps,
-      {0.0, lr, rho, eps, weight_decay, maximize, grad_scale, found_inf});
-}
-
 } // namespace
 
 TORCH_LIBRARY_IMPL(adadelta_ext, CUDA, m) {
-  m.impl("fused_adadelta_", &fused_adadelta_cuda);
-  m.impl("fused_adadelta_.tensor_lr", &fused_adadelta_cuda_tensor_lr);
+  m.impl("fused_adadelta_", &FusedAdadeltaOverloads<&fused_adadelta_cuda_impl>::float_lr);
+  m.impl("fused_adadelta_.tensor_lr", &FusedAdadeltaOverloads<&fused_adadelta_cuda_impl>::tensor_lr);
 }
 
 } // namespace adadelta_ext::cuda
