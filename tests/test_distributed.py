@@ -18,7 +18,6 @@ What must be equal, and how exactly:
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import time
@@ -162,6 +161,20 @@ def ddp_worker(rank: int) -> dict:
     }
 
 
+def assert_equals_fused_steps_on_averaged_grads(rank0: dict, model: torch.nn.Module) -> None:
+    """Rank 0's params and state equal, bit for bit, one process stepping FusedAdadelta on averaged grads."""
+    optimizer = replay_fused(model, rank0["averaged_grads"])
+    torch.testing.assert_close(rank0["params"], list(model.parameters()), rtol=0, atol=0)
+    torch.testing.assert_close(rank0["state"], state_values(optimizer, model.parameters()), rtol=0, atol=0)
+
+
+def assert_matches_torch_on_the_whole_batch(rank0: dict, model: torch.nn.Module) -> None:
+    """Averaging across ranks rounds unlike one mean over the batch: float32 default tolerance."""
+    optimizer = train_torch_on_whole_batch(model)
+    torch.testing.assert_close(rank0["params"], list(model.parameters()))
+    torch.testing.assert_close(rank0["state"], state_values(optimizer, model.parameters()))
+
+
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> list[dict]:
     """One DDP run (FusedAdadelta, 2 ranks, gradient_as_bucket_view=True), shared by the DDP tests."""
@@ -176,20 +189,11 @@ def test_ddp_replicas_stay_bit_identical(ddp_results):
 
 
 def test_ddp_equals_one_process_stepping_the_averaged_grads_exactly(ddp_results):
-    rank0 = ddp_results[0]
-    model = small_model()
-    optimizer = replay_fused(model, rank0["averaged_grads"])
-    torch.testing.assert_close(rank0["params"], list(model.parameters()), rtol=0, atol=0)
-    torch.testing.assert_close(rank0["state"], state_values(optimizer, model.parameters()), rtol=0, atol=0)
+    assert_equals_fused_steps_on_averaged_grads(ddp_results[0], small_model())
 
 
 def test_ddp_matches_torch_adadelta_on_the_whole_batch(ddp_results):
-    """Averaging by all-reduce rounds unlike one mean over the batch: float32 default tolerance."""
-    rank0 = ddp_results[0]
-    model = small_model()
-    optimizer = train_torch_on_whole_batch(model)
-    torch.testing.assert_close(rank0["params"], list(model.parameters()))
-    torch.testing.assert_close(rank0["state"], state_values(optimizer, model.parameters()))
+    assert_matches_torch_on_the_whole_batch(ddp_results[0], small_model())
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,18 +258,8 @@ def test_fsdp_shards_the_params_and_the_state_unevenly_with_an_empty_shard(fsdp_
 
 
 def test_fsdp_equals_one_process_stepping_the_averaged_grads_exactly(fsdp_results):
-    rank0 = fsdp_results[0]
-    model = sharded_model()
-    optimizer = replay_fused(model, rank0["averaged_grads"])
-    torch.testing.assert_close(rank0["params"], list(model.parameters()), rtol=0, atol=0)
-    torch.testing.assert_close(rank0["state"], state_values(optimizer, model.parameters()), rtol=0, atol=0)
+    assert_equals_fused_steps_on_averaged_grads(fsdp_results[0], sharded_model())
 
 
 def test_fsdp_matches_torch_adadelta_on_the_whole_batch(fsdp_results):
-    """Reduce-scatter averaging rounds unlike one mean over the batch: float32 default tolerance."""
-    rank0 = fsdp_results[0]
-    model = sharded_model()
-    reference_model = copy.deepcopy(model)
-    optimizer = train_torch_on_whole_batch(reference_model)
-    torch.testing.assert_close(rank0["params"], list(reference_model.parameters()))
-    torch.testing.assert_close(rank0["state"], state_values(optimizer, reference_model.parameters()))
+    assert_matches_torch_on_the_whole_batch(fsdp_results[0], sharded_model())
