@@ -56,11 +56,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_on_ranks(worker, tmp_path) -> list[dict]:
-    """Runs worker(rank, port, out_dir) on WORLD_SIZE processes; returns what each rank saved."""
+def run_on_ranks(worker, tmp_path, attempts: int = 2) -> list[dict]:
+    """Runs worker(rank, port, out_dir) on WORLD_SIZE processes; returns what each rank saved.
+
+    A port from free_port() can be taken by another socket before gloo's store
+    binds it; a run whose workers died is therefore tried once more on a new
+    port. A fault in the code under test fails every attempt.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return run_once_on_ranks(worker, tmp_path, free_port())
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def run_once_on_ranks(worker, tmp_path, port: int) -> list[dict]:
     context = mp.start_processes(
         _worker_entry,
-        args=(worker, free_port(), str(tmp_path)),
+        args=(worker, port, str(tmp_path)),
         nprocs=WORLD_SIZE,
         join=False,
         start_method="spawn",
