@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import io
 
 import pytest
 import torch
@@ -51,12 +51,7 @@ def twin_models(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def save_and_load(state_dict: dict) -> dict:
     """A state dict through torch.save/torch.load, so that no tensor is shared with the original."""
-    import io
-
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
-
-
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
