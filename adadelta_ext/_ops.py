@@ -1,11 +1,14 @@
-"""The compiled ops, a Python entry point to them, and their fake kernels.
+"""The compiled ops and their Python entry points.
 
 Importing this module loads ``adadelta_ext._C``, which registers
 ``torch.ops.adadelta_ext.fused_adadelta_`` (and its ``tensor_lr`` overload)
-with a CPU kernel, and a CUDA kernel where the package was built with CUDA.
+with a CPU kernel, a CUDA kernel where the package was built with CUDA, and a
+meta kernel (the checks alone) that torch.compile traces with.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,11 +51,10 @@ def fused_adadelta_(
     holds one entry per param, and every tensor is on the same device. ``lr``
     may be a one-element tensor on that device (read there, so a CUDA graph can
     capture it). With ``grad_scale``, grads are divided by it and stored back
-    unscaled; with a nonzero ``found_inf`` nothing at all changes.
+    unscaled; with a nonzero ``found_inf`` nothing at all changes. Every
+    argument is checked before anything changes (see ``check_fused_adadelta``).
     """
-    ops = torch.ops.adadelta_ext.fused_adadelta_
-    op = ops.tensor_lr if isinstance(lr, Tensor) else ops.default
-    op(
+    _overload(torch.ops.adadelta_ext.fused_adadelta_, lr)(
         params,
         grads,
         square_avgs,
@@ -68,28 +70,14 @@ def fused_adadelta_(
     )
 
 
-def check_fused_adadelta_inputs(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    acc_deltas: list[Tensor],
-    state_steps: list[Tensor],
-) -> None:
-    """Raises what :func:`fused_adadelta_` would raise for these lists, changing nothing."""
-    torch.ops.adadelta_ext.check_fused_adadelta_inputs(params, grads, square_avgs, acc_deltas, state_steps)
+def check_fused_adadelta(*tensor_lists: list[Tensor], **options: Any) -> None:
+    """Raises what ``fused_adadelta_(*tensor_lists, **options)`` would raise, changing nothing.
+
+    An optimizer that makes several calls (param groups, devices) checks them
+    all first, so that a bad call refuses the whole step.
+    """
+    _overload(torch.ops.adadelta_ext.check_fused_adadelta, options["lr"])(*tensor_lists, **options)
 
 
-# The op only mutates its inputs, so tracing it (torch.compile, FakeTensor) needs no output.
-@torch.library.register_fake(_OP)
-def _fused_adadelta_fake(params, grads, square_avgs, acc_deltas, state_steps, **options) -> None:
-    return None
-
-
-@torch.library.register_fake(_OP + ".tensor_lr")
-def _fused_adadelta_tensor_lr_fake(params, grads, square_avgs, acc_deltas, state_steps, **options) -> None:
-    return None
-
-
-@torch.library.register_fake("adadelta_ext::check_fused_adadelta_inputs")
-def _check_inputs_fake(params, grads, square_avgs, acc_deltas, state_steps) -> None:
-    return None
+def _overload(packet: torch._ops.OpOverloadPacket, lr: float | Tensor) -> torch._ops.OpOverload:
+    return packet.tensor_lr if isinstance(lr, Tensor) else packet.default

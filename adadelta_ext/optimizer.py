@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from ._ops import check_fused_adadelta_inputs, fused_adadelta_
+from ._ops import check_fused_adadelta, fused_adadelta_
 
 try:
     from torch.distributed.tensor import DTensor
@@ -23,16 +23,26 @@ _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 _STATE_KEYS = ("square_avg", "acc_delta")
 
 
-def _kernel_view(tensor: Tensor) -> Tensor:
-    """The plain real tensor the kernel updates in place for a param, grad or state tensor.
+def _local(tensor: Tensor) -> Tensor:
+    """The tensor the kernel updates in place for a param, grad or state tensor.
 
     A DTensor (as FSDP2's fully_shard and tensor parallelism make) is updated
     through its local shard; Adadelta is elementwise, so shards step alone.
-    A complex tensor is updated as pairs of reals, as torch.optim does.
+    Complex tensors go to the op as they are: it updates them as pairs of reals.
     """
-    if isinstance(tensor, DTensor):
-        tensor = tensor._local_tensor
-    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+@torch.compiler.disable
+def _fused_adadelta_outside_the_graph(*tensor_lists: list[Tensor], **options: Any) -> None:
+    """The op for complex params, never traced by torch.compile: a graph break.
+
+    inductor (torch 2.13) fails on any mutating custom op over complex tensors
+    ("auto_functionalized_v2 was not removed"), viewed as real or not. Gating
+    on torch.compiler.is_compiling() would not do: after the graph break, dynamo
+    runs step() eagerly and compiles the frames it calls one by one.
+    """
+    fused_adadelta_(*tensor_lists, **options)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -70,6 +80,12 @@ class FusedAdadelta(Optimizer):
       (params, state and counters) when an inf was found, without a host sync.
     - ``fp32_state=True`` keeps ``square_avg`` and ``acc_delta`` in float32 for
       float16/bfloat16 params: more accurate, twice the state memory.
+    - Grads of another dtype than their param (torch's ``grad_dtype``, e.g.
+      float32 grads on bfloat16 weights) are read as they are, in the same pass.
+    - State follows its param: if the param's dtype, device or memory format
+      changes (``model.double()``, ``model.to(memory_format=torch.channels_last)``),
+      the state is converted at the next step, so the kernel keeps its fast path.
+    - Every group is checked before any changes: a refused step changes nothing.
 
     Not supported, with a clear error: sparse gradients, ``differentiable=True``.
     ``foreach`` is accepted for compatibility and has no effect.
@@ -120,8 +136,11 @@ class FusedAdadelta(Optimizer):
         # so that state_dict() has torch.optim.Adadelta's layout.
         self.fp32_state = fp32_state
         super().__init__(params, defaults)
-        self.register_load_state_dict_pre_hook(FusedAdadelta._keep_float32_state)
-        self.register_load_state_dict_post_hook(FusedAdadelta._place_loaded_state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer.__getstate__ keeps defaults, state and param_groups only:
+        # copy.deepcopy and pickle would otherwise drop fp32_state.
+        return {**super().__getstate__(), "fp32_state": self.fp32_state}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -132,51 +151,64 @@ class FusedAdadelta(Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("capturable", False)
 
-    @staticmethod
-    def _keep_float32_state(optimizer: FusedAdadelta, state_dict: dict[str, Any]) -> None:
-        """Before load_state_dict casts the state to each param's dtype: keep float32 state for fp32_state.
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict of FusedAdadelta or torch.optim.Adadelta.
 
-        Without this, a float32 square_avg saved for a bfloat16 param would be
-        rounded to bfloat16 and back on the way in.
+        Optimizer.load_state_dict casts square_avg and acc_delta to each param's
+        dtype and device, as torch does for every optimizer. Then ``step`` goes
+        to the param's device and the state to the dtype and layout this
+        optimizer keeps; with ``fp32_state``, float32 state saved for a
+        float16/bfloat16 param is kept as saved rather than rounded on the way in.
+        (An override rather than load_state_dict hooks, which copy.deepcopy and
+        pickling drop.)
         """
-        optimizer._float32_state_being_loaded = {}
-        if not optimizer.fp32_state:
-            return
-        saved_ids = (i for group in state_dict["param_groups"] for i in group["params"])
-        params = (p for group in optimizer.param_groups for p in group["params"])
-        # Mismatched group sizes are load_state_dict's own error, raised after this hook.
-        for saved_id, param in zip(saved_ids, params, strict=False):
-            saved = state_dict["state"].get(saved_id, {})
-            if all(
-                torch.is_tensor(saved.get(key)) and saved[key].dtype == torch.float32 for key in _STATE_KEYS
-            ):
-                optimizer._float32_state_being_loaded[param] = {key: saved[key] for key in _STATE_KEYS}
-
-    @staticmethod
-    def _place_loaded_state(optimizer: FusedAdadelta) -> None:
-        """After load_state_dict: `step` on the param's device, state in the dtype this optimizer keeps.
-
-        Optimizer.load_state_dict has already cast square_avg and acc_delta to
-        the param's dtype and device, as torch does for every optimizer.
-        """
-        float32_state = optimizer.__dict__.pop("_float32_state_being_loaded", {})
-        for group in optimizer.param_groups:
+        float32_state = self._saved_float32_state(state_dict)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
             for param in group["params"]:
-                state = optimizer.state.get(param)
+                state = self.state.get(param)
                 if not state:
                     continue
                 step = state["step"]
                 if not torch.is_tensor(step):
                     step = torch.tensor(float(step), dtype=_scalar_dtype())
                 state["step"] = step.to(device=param.device)
+                saved = float32_state.get(param, state)
                 for key in _STATE_KEYS:
-                    value = float32_state.get(param, state)[key]
-                    state[key] = value.to(device=param.device, dtype=optimizer._state_dtype(param))
+                    # State of another shape is left for step() to name the mismatch.
+                    if saved[key].shape == param.shape:
+                        state[key] = self._state_like(param, saved[key])
+
+    def _saved_float32_state(self, state_dict: dict[str, Any]) -> dict[Tensor, dict[str, Tensor]]:
+        """With fp32_state: the float32 square_avg and acc_delta in a state dict, by param."""
+        if not self.fp32_state:
+            return {}
+        saved_ids = (i for group in state_dict["param_groups"] for i in group["params"])
+        params = (p for group in self.param_groups for p in group["params"])
+        float32_state = {}
+        # Mismatched group sizes are load_state_dict's own error, raised after this.
+        for saved_id, param in zip(saved_ids, params, strict=False):
+            saved = state_dict["state"].get(saved_id, {})
+            if all(
+                torch.is_tensor(saved.get(key)) and saved[key].dtype == torch.float32 for key in _STATE_KEYS
+            ):
+                float32_state[param] = {key: saved[key] for key in _STATE_KEYS}
+        return float32_state
 
     def _state_dtype(self, param: Tensor) -> torch.dtype:
         if self.fp32_state and param.dtype in _REDUCED_PRECISION:
             return torch.float32
         return param.dtype
+
+    def _state_like(self, param: Tensor, value: Tensor | None = None) -> Tensor:
+        """A state tensor for param: its device and memory format, this optimizer's state dtype.
+
+        Zeros, or `value` converted. In the param's own layout (as torch.optim
+        creates state, with preserve_format), so that the kernel walks all four
+        tensors as one flat array instead of through copies.
+        """
+        state = torch.empty_like(param, dtype=self._state_dtype(param), memory_format=torch.preserve_format)
+        return state.zero_() if value is None else state.copy_(value)
 
     def _check_graph_capture(self) -> None:
         # As torch.optim does: a capture with capturable=False would bake host values into the graph.
@@ -204,28 +236,33 @@ class FusedAdadelta(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        created: list[Tensor] = []  # params whose state this step made, removed if the step is refused
-        groups_lists = []
-        for group in self.param_groups:
-            lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
-            self._init_group(group, *lists, created)
-            groups_lists.append(lists)
+        # Undone if the step is refused: the params whose state this step created, and, four
+        # tensors each, (param, step, square_avg, acc_delta) for state it converted.
+        # (Tensors only: torch.compile runs _init_group outside the trace and wraps what it adds.)
+        created: list[Tensor] = []
+        replaced: list[Tensor] = []
         try:
-            calls = [
-                call
-                for group, lists in zip(self.param_groups, groups_lists, strict=True)
-                if lists[0]
-                for call in self._kernel_calls(group, lists)
-            ]
+            calls = []
+            for group in self.param_groups:
+                lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
+                self._init_group(group, *lists, created, replaced)
+                if lists[0]:
+                    calls.extend(self._kernel_calls(group, lists))
             if len(calls) > 1:
-                # Several devices: check every call's tensors before changing any.
-                for tensors, _ in calls:
-                    check_fused_adadelta_inputs(*tensors)
+                # Several groups or devices: check every call before any changes a tensor.
+                for tensors, options in calls:
+                    check_fused_adadelta(*tensors, **options)
             for tensors, options in calls:
-                fused_adadelta_(*tensors, **options)
+                if any(p.is_complex() for p in tensors[0]):
+                    _fused_adadelta_outside_the_graph(*tensors, **options)
+                else:
+                    fused_adadelta_(*tensors, **options)
         except BaseException:
             for p in created:
                 del self.state[p]
+            for index in range(0, len(replaced), 4):
+                p, *previous = replaced[index : index + 4]
+                self.state[p].update(zip(("step", *_STATE_KEYS), previous, strict=True))
             raise
         return loss
 
@@ -238,48 +275,69 @@ class FusedAdadelta(Optimizer):
         acc_deltas: list[Tensor],
         state_steps: list[Tensor],
         created: list[Tensor],
+        replaced: list[Tensor],
     ) -> None:
-        """Fills the lists with the group's params that have grads and their tensors, creating missing state.
+        """Fills the lists with the group's params that have grads and their tensors.
 
         Named and called as in torch.optim.Adadelta: torch.compile then treats
         these tensors as static, so mode="reduce-overhead" can capture the step
-        in a CUDA graph. Sparse grads, mismatched shapes or dtypes are left to
-        the op, which checks every tensor before it changes any.
+        in a CUDA graph. Missing state is created, and state whose param changed
+        dtype, device or memory format since is converted, each recorded in
+        `created` or `replaced` (see step). Sparse grads, mismatched shapes or dtypes are left to the op,
+        which checks every tensor before it changes any.
         """
-        params.extend(p for p in group["params"] if p.grad is not None)
-        new_params = [p for p in params if not self.state[p]]
-        for p in new_params:
-            self._init_state(p)
-        created.extend(new_params)
-        states = [self.state[p] for p in params]
-        grads.extend(p.grad for p in params)
-        square_avgs.extend(state["square_avg"] for state in states)
-        acc_deltas.extend(state["acc_delta"] for state in states)
-        state_steps.extend(state["step"] for state in states)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                created.append(p)
+                state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=p.device)
+                state["square_avg"] = self._state_like(p)
+                state["acc_delta"] = self._state_like(p)
+            elif self._state_needs_converting(p, state["square_avg"]):
+                replaced.extend((p, state["step"], *(state[key] for key in _STATE_KEYS)))
+                state["step"] = state["step"].to(p.device)
+                for key in _STATE_KEYS:
+                    state[key] = self._state_like(p, state[key])
+            params.append(p)
+            grads.append(p.grad)
+            square_avgs.append(state["square_avg"])
+            acc_deltas.append(state["acc_delta"])
+            state_steps.append(state["step"])
 
-    def _init_state(self, param: Tensor) -> None:
-        state = self.state[param]
-        state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=param.device)
-        state_dtype = self._state_dtype(param)
-        state["square_avg"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
-        state["acc_delta"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+    def _state_needs_converting(self, param: Tensor, square_avg: Tensor) -> bool:
+        """Whether param changed dtype, device or memory format since its state was made.
+
+        (State of another shape is left to the op, which names the mismatch.)
+        """
+        if square_avg.shape != param.shape:
+            return False
+        if square_avg.dtype != self._state_dtype(param) or square_avg.device != param.device:
+            return True
+        # State of a param that is not dense (a view) is contiguous, not of the param's strides.
+        return (
+            square_avg.stride() != param.stride() and self._state_like(param).stride() != square_avg.stride()
+        )
 
     def _kernel_calls(
         self, group: dict[str, Any], lists: tuple[list[Tensor], ...]
     ) -> Iterator[tuple[tuple[list[Tensor], ...], dict[str, Any]]]:
         """The op calls for one param group's lists: (tensor lists, options), one per device."""
-        *tensor_lists, steps = lists
-        params = tensor_lists[0]
-        if any(p.is_complex() or isinstance(p, DTensor) for p in params):
-            tensor_lists = [[_kernel_view(t) for t in tensors] for tensors in tensor_lists]
+        params = lists[0]
+        if any(isinstance(p, DTensor) for p in params):
+            lists = tuple([_local(t) for t in tensors] for tensors in lists)
 
+        # Not Optimizer._group_tensors_by_device_and_dtype: it requires every list to
+        # have its param's dtype, which float32 state (fp32_state) and grads
+        # (grad_dtype) of bfloat16 params do not; the op takes mixed dtypes.
         devices = list(dict.fromkeys(p.device for p in params))
         if len(devices) == 1:
-            per_device = {devices[0]: (*tensor_lists, steps)}
+            per_device = {devices[0]: lists}
         else:
             per_device = {device: ([], [], [], [], []) for device in devices}
             for index, p in enumerate(params):
-                for values, tensors in zip(per_device[p.device], (*tensor_lists, steps), strict=True):
+                for values, tensors in zip(per_device[p.device], lists, strict=True):
                     values.append(tensors[index])
 
         grad_scale = getattr(self, "grad_scale", None)

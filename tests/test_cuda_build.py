@@ -29,8 +29,10 @@ ARCHITECTURES = ["80", "90"]
 # torch >= 2.4 (pyproject's floor) builds extensions as C++17, recent torch as C++20.
 STANDARDS = ["c++17", "c++20"]
 
-# The kernel's template instances: one per (param dtype, state dtype) pair.
-KERNEL_INSTANCES = 6
+# The kernel's template instances: one per (param, grad, state) dtype triple the op accepts:
+# float32; float64 with float64 or float32 grads; float16 and bfloat16, each with grads and
+# state of their own dtype or float32.
+KERNEL_INSTANCES = 11
 
 
 def find_nvcc() -> str:

@@ -34,39 +34,54 @@ template <typename storage_t, typename opmath, int kParts>
 struct BlockIO {
   using OpVec = Vectorized<opmath>;
   static constexpr int64_t kLanes = OpVec::size();
+  static constexpr int64_t kBlock = kParts * kLanes;
 
   static void load(const storage_t* ptr, int64_t count, OpVec (&out)[kParts]) {
-    if constexpr (is_reduced_float<storage_t>) {
-      static_assert(kParts == 2 && Vectorized<storage_t>::size() == 2 * kLanes);
+    if constexpr (std::is_same_v<storage_t, opmath>) {
+      for (int part = 0; part < kParts; ++part) {
+        const int64_t part_count = std::clamp<int64_t>(count - part * kLanes, 0, kLanes);
+        out[part] = part_count == 0 ? OpVec(opmath(0))
+                                    : OpVec::loadu(ptr + part * kLanes, part_count);
+      }
+    } else if constexpr (is_reduced_float<storage_t>) {
+      static_assert(kParts == 2 && Vectorized<storage_t>::size() == kBlock);
       const auto packed = Vectorized<storage_t>::loadu(ptr, count);
       std::tie(out[0], out[1]) = at::vec::convert_to_float<storage_t>(packed);
     } else {
+      // float32 grads of a float64 param: a built-in conversion per element.
+      opmath values[kBlock] = {};
+      for (int64_t i = 0; i < count; ++i) {
+        values[i] = static_cast<opmath>(ptr[i]);
+      }
       for (int part = 0; part < kParts; ++part) {
-        const int64_t part_count =
-            std::clamp<int64_t>(count - part * kLanes, 0, kLanes);
-        out[part] = part_count == 0
-            ? OpVec(opmath(0))
-            : OpVec::loadu(ptr + part * kLanes, part_count);
+        out[part] = OpVec::loadu(values + part * kLanes);
       }
     }
   }
 
   static void store(storage_t* ptr, int64_t count, const OpVec (&in)[kParts]) {
-    if constexpr (is_reduced_float<storage_t>) {
-      at::vec::convert_from_float<storage_t>(in[0], in[1]).store(ptr, count);
-    } else {
+    if constexpr (std::is_same_v<storage_t, opmath>) {
       for (int part = 0; part < kParts; ++part) {
-        const int64_t part_count =
-            std::clamp<int64_t>(count - part * kLanes, 0, kLanes);
+        const int64_t part_count = std::clamp<int64_t>(count - part * kLanes, 0, kLanes);
         if (part_count > 0) {
           in[part].store(ptr + part * kLanes, part_count);
         }
+      }
+    } else if constexpr (is_reduced_float<storage_t>) {
+      at::vec::convert_from_float<storage_t>(in[0], in[1]).store(ptr, count);
+    } else {
+      opmath values[kBlock];
+      for (int part = 0; part < kParts; ++part) {
+        in[part].store(values + part * kLanes);
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        ptr[i] = static_cast<storage_t>(values[i]);
       }
     }
   }
 };
 
-template <typename param_t, typename state_t>
+template <typename param_t, typename grad_t, typename state_t>
 void update_range(
     const FlatTensorPointers& tensors,
     int64_t begin,
@@ -78,6 +93,7 @@ void update_range(
   constexpr int kParts = is_reduced_float<param_t> ? 2 : 1;
   constexpr int64_t kBlock = kParts * OpVec::size();
   using ParamIO = BlockIO<param_t, opmath, kParts>;
+  using GradIO = BlockIO<grad_t, opmath, kParts>;
   using StateIO = BlockIO<state_t, opmath, kParts>;
 
   const AdadeltaHyperparams<double>& h = arguments.hyper;
@@ -92,7 +108,7 @@ void update_range(
   const OpVec grad_scale(opmath(arguments.grad_scale));
 
   auto* const param = static_cast<param_t*>(tensors.param);
-  auto* const grad = static_cast<param_t*>(tensors.grad);
+  auto* const grad = static_cast<grad_t*>(tensors.grad);
   auto* const square_avg = static_cast<state_t*>(tensors.square_avg);
   auto* const acc_delta = static_cast<state_t*>(tensors.acc_delta);
 
@@ -100,14 +116,14 @@ void update_range(
     OpVec param_vec[kParts], grad_vec[kParts], square_avg_vec[kParts],
         acc_delta_vec[kParts];
     ParamIO::load(param + offset, count, param_vec);
-    ParamIO::load(grad + offset, count, grad_vec);
+    GradIO::load(grad + offset, count, grad_vec);
     StateIO::load(square_avg + offset, count, square_avg_vec);
     StateIO::load(acc_delta + offset, count, acc_delta_vec);
     if (arguments.unscale_grad) {
       for (int part = 0; part < kParts; ++part) {
         grad_vec[part] = grad_vec[part] / grad_scale;
       }
-      ParamIO::store(grad + offset, count, grad_vec);
+      GradIO::store(grad + offset, count, grad_vec);
     }
     for (int part = 0; part < kParts; ++part) {
       adadelta_update(
@@ -130,24 +146,43 @@ void update_range(
 
 } // namespace
 
-UpdateRangeFn update_range_for(
-    c10::ScalarType param_dtype,
-    c10::ScalarType state_dtype) {
-  const bool fp32_state = state_dtype == c10::ScalarType::Float;
-  switch (param_dtype) {
-    case c10::ScalarType::Float:
-      return &update_range<float, float>;
-    case c10::ScalarType::Double:
-      return &update_range<double, double>;
-    case c10::ScalarType::Half:
-      return fp32_state ? &update_range<c10::Half, float>
-                        : &update_range<c10::Half, c10::Half>;
-    case c10::ScalarType::BFloat16:
-      return fp32_state ? &update_range<c10::BFloat16, float>
-                        : &update_range<c10::BFloat16, c10::BFloat16>;
-    default:
-      return nullptr;
+// Every (param, grad, state) dtype triple the op accepts (see
+// check_fused_adadelta_call): grads of the param's dtype or float32; state of
+// the param's dtype, or float32 for float16/bfloat16.
+UpdateRangeFn find_update_range(const KernelDtypes& dtypes) {
+  using c10::BFloat16;
+  using c10::Half;
+  using c10::ScalarType;
+  struct Instance {
+    KernelDtypes dtypes;
+    UpdateRangeFn update_range;
+  };
+  static constexpr Instance kInstances[] = {
+      {{ScalarType::Float, ScalarType::Float, ScalarType::Float}, &update_range<float, float, float>},
+      {{ScalarType::Double, ScalarType::Double, ScalarType::Double},
+       &update_range<double, double, double>},
+      {{ScalarType::Double, ScalarType::Float, ScalarType::Double},
+       &update_range<double, float, double>},
+      {{ScalarType::Half, ScalarType::Half, ScalarType::Half}, &update_range<Half, Half, Half>},
+      {{ScalarType::Half, ScalarType::Half, ScalarType::Float}, &update_range<Half, Half, float>},
+      {{ScalarType::Half, ScalarType::Float, ScalarType::Half}, &update_range<Half, float, Half>},
+      {{ScalarType::Half, ScalarType::Float, ScalarType::Float}, &update_range<Half, float, float>},
+      {{ScalarType::BFloat16, ScalarType::BFloat16, ScalarType::BFloat16},
+       &update_range<BFloat16, BFloat16, BFloat16>},
+      {{ScalarType::BFloat16, ScalarType::BFloat16, ScalarType::Float},
+       &update_range<BFloat16, BFloat16, float>},
+      {{ScalarType::BFloat16, ScalarType::Float, ScalarType::BFloat16},
+       &update_range<BFloat16, float, BFloat16>},
+      {{ScalarType::BFloat16, ScalarType::Float, ScalarType::Float},
+       &update_range<BFloat16, float, float>},
+  };
+  for (const Instance& instance : kInstances) {
+    if (instance.dtypes.param == dtypes.param && instance.dtypes.grad == dtypes.grad &&
+        instance.dtypes.state == dtypes.state) {
+      return instance.update_range;
+    }
   }
+  return nullptr;
 }
 
 } // namespace CPU_CAPABILITY

@@ -5,6 +5,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <string>
 
 #include "../adadelta_math.h"
 
@@ -32,12 +33,26 @@ using UpdateRangeFn = void (*)(
     int64_t end,
     const CpuStepArguments& arguments);
 
-// Each instruction-set build defines update_range_for in the namespace its
+// The dtypes of one param's tensors, which pick the kernel instance.
+struct KernelDtypes {
+  c10::ScalarType param;
+  c10::ScalarType grad;
+  c10::ScalarType state;
+};
+
+// The instance for `dtypes` in the kernel built for the instruction set this
+// process runs with (see kernel_isa), or nullptr if none was built for them.
+UpdateRangeFn find_update_range(const KernelDtypes& dtypes);
+
+// The instruction set the CPU kernel runs with: "AVX512", "AVX2" or "DEFAULT",
+// chosen by at::get_cpu_capability(), so ATEN_CPU_CAPABILITY is honoured.
+std::string kernel_isa();
+
+// Each instruction-set build defines find_update_range in the namespace its
 // CPU_CAPABILITY macro names, as ATen does for its own kernels.
-#define ADADELTA_DECLARE_CPU_KERNEL(capability)                      \
-  namespace capability {                                             \
-  UpdateRangeFn update_range_for(                                    \
-      c10::ScalarType param_dtype, c10::ScalarType state_dtype);     \
+#define ADADELTA_DECLARE_CPU_KERNEL(capability) \
+  namespace capability {                        \
+  UpdateRangeFn find_update_range(const KernelDtypes& dtypes); \
   }
 
 ADADELTA_DECLARE_CPU_KERNEL(DEFAULT)

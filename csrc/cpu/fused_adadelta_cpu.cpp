@@ -1,12 +1,12 @@
-// The CPU implementation of adadelta_ext::fused_adadelta_: checks the
-// arguments, picks the kernel built for this CPU's instruction set, and runs
-// it across all elements of all tensors with at::parallel_for.
+// The CPU implementation of adadelta_ext::fused_adadelta_: given checked
+// arguments (fused_adadelta.h), picks the kernel built for this CPU's
+// instruction set and runs it across all elements of all tensors with
+// at::parallel_for.
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <string>
 #include <vector>
 
@@ -14,9 +14,7 @@
 #include "adadelta_cpu_kernel.h"
 
 namespace adadelta_ext::cpu {
-namespace {
 
-// torch picks its own kernels by the same name, honouring ATEN_CPU_CAPABILITY.
 std::string kernel_isa() {
 #if defined(ADADELTA_CPU_ISA_DISPATCH)
   const std::string capability = at::get_cpu_capability();
@@ -27,36 +25,24 @@ std::string kernel_isa() {
   return "DEFAULT";
 }
 
-UpdateRangeFn update_range_for(c10::ScalarType param_dtype, c10::ScalarType state_dtype) {
+UpdateRangeFn find_update_range(const KernelDtypes& dtypes) {
+  // The instruction set is picked once, as torch picks its own kernels.
+  static const auto find_in_isa_build = [] {
 #if defined(ADADELTA_CPU_ISA_DISPATCH)
-  static const std::string isa = kernel_isa();
-  if (isa == "AVX512") {
-    return AVX512::update_range_for(param_dtype, state_dtype);
-  }
-  if (isa == "AVX2") {
-    return AVX2::update_range_for(param_dtype, state_dtype);
-  }
+    const std::string isa = kernel_isa();
+    if (isa == "AVX512") {
+      return &AVX512::find_update_range;
+    }
+    if (isa == "AVX2") {
+      return &AVX2::find_update_range;
+    }
 #endif
-  return DEFAULT::update_range_for(param_dtype, state_dtype);
+    return &DEFAULT::find_update_range;
+  }();
+  return find_in_isa_build(dtypes);
 }
 
-// The kernel for a (param dtype, state dtype) pair, looked up without string compares.
-UpdateRangeFn select_kernel(c10::ScalarType param_dtype, c10::ScalarType state_dtype) {
-  static const auto kernels = [] {
-    std::array<std::array<UpdateRangeFn, 2>, 4> table{};
-    const c10::ScalarType param_dtypes[] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
-    for (size_t i = 0; i < 4; ++i) {
-      table[i][0] = update_range_for(param_dtypes[i], param_dtypes[i]);
-      table[i][1] = update_range_for(param_dtypes[i], at::kFloat);
-    }
-    return table;
-  }();
-  const size_t param_index = param_dtype == at::kFloat ? 0
-      : param_dtype == at::kDouble                     ? 1
-      : param_dtype == at::kHalf                       ? 2
-                                                       : 3;
-  return kernels[param_index][state_dtype == param_dtype ? 0 : 1];
-}
+namespace {
 
 void increment_steps(at::TensorList state_steps) {
   // Direct writes: an ATen add_ per step costs microseconds, per tensor.
@@ -76,11 +62,6 @@ void fused_adadelta_cpu_impl(
     at::TensorList acc_deltas,
     at::TensorList state_steps,
     const FusedAdadeltaOptions& options) {
-  check_fused_adadelta_inputs(params, grads, square_avgs, acc_deltas, state_steps);
-  if (params.empty()) {
-    return;
-  }
-  check_fused_adadelta_options(params[0].device(), options);
   if (options.found_inf.has_value() && options.found_inf->item<double>() != 0) {
     return;  // GradScaler found an inf or NaN: the step is skipped whole.
   }
@@ -108,8 +89,13 @@ void fused_adadelta_cpu_impl(
     pointers[i] = FlatTensorPointers{
         flat.params[i].data_ptr(), flat.grads[i].data_ptr(),
         flat.square_avgs[i].data_ptr(), flat.acc_deltas[i].data_ptr()};
-    kernels[i] = select_kernel(
-        flat.params[i].scalar_type(), flat.square_avgs[i].scalar_type());
+    const KernelDtypes dtypes{
+        flat.params[i].scalar_type(), flat.grads[i].scalar_type(),
+        flat.square_avgs[i].scalar_type()};
+    kernels[i] = find_update_range(dtypes);
+    TORCH_INTERNAL_ASSERT(
+        kernels[i] != nullptr, "fused_adadelta_: no CPU kernel for params of dtype ",
+        dtypes.param, " with grads of dtype ", dtypes.grad, " and state of dtype ", dtypes.state);
     total += flat.params[i].numel();
     ends[i] = total;
   }
@@ -135,11 +121,6 @@ void fused_adadelta_cpu_impl(
 TORCH_LIBRARY_IMPL(adadelta_ext, CPU, m) {
   m.impl("fused_adadelta_", &FusedAdadeltaOverloads<&fused_adadelta_cpu_impl>::float_lr);
   m.impl("fused_adadelta_.tensor_lr", &FusedAdadeltaOverloads<&fused_adadelta_cpu_impl>::tensor_lr);
-}
-
-// Which instruction set the CPU kernel runs with: "AVX512", "AVX2" or "DEFAULT".
-TORCH_LIBRARY_FRAGMENT(adadelta_ext, m) {
-  m.def("cpu_kernel_isa() -> str", [] { return kernel_isa(); });
 }
 
 } // namespace adadelta_ext::cpu

@@ -1,6 +1,7 @@
-// The CUDA implementation of adadelta_ext::fused_adadelta_: the CPU path's
-// checks, then the multi-tensor kernel (fused_adadelta_kernel.cu) once per
-// (param dtype, state dtype) group, on the current stream. Nothing here waits
+// The CUDA implementation of adadelta_ext::fused_adadelta_: given checked
+// arguments (fused_adadelta.h), the multi-tensor kernel
+// (fused_adadelta_kernel.cu) once per (param, grad, state) dtype group, on the
+// current stream. Nothing here waits
 // for the device or copies to the host, so a CUDA graph can capture a step:
 // lr, grad_scale and found_inf are read by the kernel, which also increments
 // the steps.
@@ -30,9 +31,10 @@ static_assert(
     sizeof(at::BFloat16) == sizeof(__nv_bfloat16) &&
     alignof(at::BFloat16) == alignof(__nv_bfloat16));
 
-// The tensors of one call with the same (param dtype, state dtype): one kernel instance.
+// The tensors of one call with the same (param, grad, state) dtypes: one kernel instance.
 struct DtypeGroup {
   at::ScalarType param_dtype;
+  at::ScalarType grad_dtype;
   at::ScalarType state_dtype;
   std::vector<AdadeltaTensorPointers> tensors;
 };
@@ -61,7 +63,7 @@ struct KernelScalars {
   at::Tensor found_inf;
 };
 
-template <typename param_t, typename state_t>
+template <typename param_t, typename grad_t, typename state_t>
 void launch_group_as(
     const DtypeGroup& group,
     const FusedAdadeltaOptions& options,
@@ -82,34 +84,56 @@ void launch_group_as(
       device_scalar(scalars.lr),
       device_scalar(scalars.grad_scale),
       device_scalar(scalars.found_inf)};
-  C10_CUDA_CHECK((launch_multi_tensor_adadelta<param_t, state_t>(
+  C10_CUDA_CHECK((launch_multi_tensor_adadelta<param_t, grad_t, state_t>(
       group.tensors.data(), group.tensors.size(), step_scalars, stream)));
 }
 
+// The instance for the group's dtypes: the triples check_fused_adadelta_call
+// accepts, and no other.
 void launch_group(
     const DtypeGroup& group,
     const FusedAdadeltaOptions& options,
     const KernelScalars& scalars,
     cudaStream_t stream) {
-  const bool fp32_state = group.state_dtype == at::kFloat;
+  using at::ScalarType;
+  // float32 grads or state of a 16-bit param.
+  const bool float_grad = group.grad_dtype == at::kFloat;
+  const bool float_state = group.state_dtype == at::kFloat;
+  const auto instance = [&](auto param, auto grad, auto state) {
+    using param_t = decltype(param);
+    using grad_t = decltype(grad);
+    using state_t = decltype(state);
+    return launch_group_as<param_t, grad_t, state_t>(group, options, scalars, stream);
+  };
+  const auto sixteen_bit = [&](auto param) {
+    using param_t = decltype(param);
+    if (float_grad) {
+      return float_state ? instance(param, 0.0f, 0.0f) : instance(param, 0.0f, param_t{});
+    }
+    return float_state ? instance(param, param_t{}, 0.0f) : instance(param, param_t{}, param_t{});
+  };
+  const bool same_dtypes = group.grad_dtype == group.param_dtype && group.state_dtype == group.param_dtype;
   switch (group.param_dtype) {
-    case at::kFloat:
-      return launch_group_as<float, float>(group, options, scalars, stream);
-    case at::kDouble:
-      return launch_group_as<double, double>(group, options, scalars, stream);
-    case at::kHalf:
-      return fp32_state
-          ? launch_group_as<__half, float>(group, options, scalars, stream)
-          : launch_group_as<__half, __half>(group, options, scalars, stream);
-    case at::kBFloat16:
-      return fp32_state
-          ? launch_group_as<__nv_bfloat16, float>(group, options, scalars, stream)
-          : launch_group_as<__nv_bfloat16, __nv_bfloat16>(group, options, scalars, stream);
+    case ScalarType::Float:
+      if (same_dtypes) {
+        return instance(0.0f, 0.0f, 0.0f);
+      }
+      break;
+    case ScalarType::Double:
+      if (group.state_dtype == at::kDouble) {
+        return float_grad ? instance(0.0, 0.0f, 0.0) : instance(0.0, 0.0, 0.0);
+      }
+      break;
+    case ScalarType::Half:
+      return sixteen_bit(__half{});
+    case ScalarType::BFloat16:
+      return sixteen_bit(__nv_bfloat16{});
     default:
-      TORCH_INTERNAL_ASSERT(
-          false, "fused_adadelta_: no CUDA kernel for params of dtype ",
-          group.param_dtype);
+      break;
   }
+  TORCH_INTERNAL_ASSERT(
+      false, "fused_adadelta_: no CUDA kernel for params of dtype ", group.param_dtype,
+      " with grads of dtype ", group.grad_dtype, " and state of dtype ", group.state_dtype);
 }
 
 void fused_adadelta_cuda_impl(
@@ -119,25 +143,21 @@ void fused_adadelta_cuda_impl(
     at::TensorList acc_deltas,
     at::TensorList state_steps,
     const FusedAdadeltaOptions& options) {
-  check_fused_adadelta_inputs(params, grads, square_avgs, acc_deltas, state_steps);
-  if (params.empty()) {
-    return;
-  }
-  const at::Device device = params[0].device();
-  check_fused_adadelta_options(device, options);
-  const c10::cuda::CUDAGuard device_guard(device);
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
 
   const bool unscale_grad = options.grad_scale.has_value();
   const FlatTensorLists flat(params, grads, square_avgs, acc_deltas, unscale_grad);
   std::vector<DtypeGroup> groups;
   for (size_t i = 0; i < flat.params.size(); ++i) {
     const at::ScalarType param_dtype = flat.params[i].scalar_type();
+    const at::ScalarType grad_dtype = flat.grads[i].scalar_type();
     const at::ScalarType state_dtype = flat.square_avgs[i].scalar_type();
     auto group = std::find_if(groups.begin(), groups.end(), [&](const DtypeGroup& candidate) {
-      return candidate.param_dtype == param_dtype && candidate.state_dtype == state_dtype;
+      return candidate.param_dtype == param_dtype && candidate.grad_dtype == grad_dtype &&
+          candidate.state_dtype == state_dtype;
     });
     if (group == groups.end()) {
-      group = groups.insert(groups.end(), DtypeGroup{param_dtype, state_dtype, {}});
+      group = groups.insert(groups.end(), DtypeGroup{param_dtype, grad_dtype, state_dtype, {}});
     }
     group->tensors.push_back(AdadeltaTensorPointers{
         flat.params[i].mutable_data_ptr(),

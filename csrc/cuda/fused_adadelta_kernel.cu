@@ -9,7 +9,7 @@
 
 namespace adadelta_ext::cuda {
 
-template <typename param_t, typename state_t>
+template <typename param_t, typename grad_t, typename state_t>
 cudaError_t launch_multi_tensor_adadelta(
     const AdadeltaTensorPointers* tensors,
     size_t count,
@@ -19,7 +19,7 @@ cudaError_t launch_multi_tensor_adadelta(
   int64_t blocks = 0;
   // Launches the tensors metadata holds, then empties it.
   const auto launch = [&]() {
-    multi_tensor_adadelta_kernel<param_t, state_t>
+    multi_tensor_adadelta_kernel<param_t, grad_t, state_t>
         <<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
             metadata, scalars);
     metadata.tensor_count = 0;
@@ -56,19 +56,24 @@ cudaError_t launch_multi_tensor_adadelta(
   return metadata.tensor_count == 0 ? cudaSuccess : launch();
 }
 
-#define ADADELTA_INSTANTIATE_LAUNCH(param_t, state_t)                   \
-  template cudaError_t launch_multi_tensor_adadelta<param_t, state_t>( \
-      const AdadeltaTensorPointers*,                                    \
-      size_t,                                                           \
-      const AdadeltaStepScalars<opmath_t<param_t>>&,                    \
+#define ADADELTA_INSTANTIATE_LAUNCH(param_t, grad_t, state_t)                   \
+  template cudaError_t launch_multi_tensor_adadelta<param_t, grad_t, state_t>( \
+      const AdadeltaTensorPointers*,                                            \
+      size_t,                                                                   \
+      const AdadeltaStepScalars<opmath_t<param_t>>&,                            \
       cudaStream_t);
 
-ADADELTA_INSTANTIATE_LAUNCH(float, float)
-ADADELTA_INSTANTIATE_LAUNCH(double, double)
-ADADELTA_INSTANTIATE_LAUNCH(__half, __half)
-ADADELTA_INSTANTIATE_LAUNCH(__half, float)
-ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, __nv_bfloat16)
-ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, float)
+ADADELTA_INSTANTIATE_LAUNCH(float, float, float)
+ADADELTA_INSTANTIATE_LAUNCH(double, double, double)
+ADADELTA_INSTANTIATE_LAUNCH(double, float, double)
+ADADELTA_INSTANTIATE_LAUNCH(__half, __half, __half)
+ADADELTA_INSTANTIATE_LAUNCH(__half, __half, float)
+ADADELTA_INSTANTIATE_LAUNCH(__half, float, __half)
+ADADELTA_INSTANTIATE_LAUNCH(__half, float, float)
+ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
+ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, __nv_bfloat16, float)
+ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, float, __nv_bfloat16)
+ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, float, float)
 
 #undef ADADELTA_INSTANTIATE_LAUNCH
 

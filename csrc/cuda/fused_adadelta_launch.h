@@ -49,9 +49,9 @@ struct AdadeltaStepScalars {
 // Updates every tensor in place and adds one to each step counter, with as
 // few kernel launches on `stream` as the kernel's argument size allows.
 // Returns the first launch error, cudaSuccess otherwise.
-// Instantiated for (float, float), (double, double), (__half, __half),
-// (__half, float), (__nv_bfloat16, __nv_bfloat16), (__nv_bfloat16, float).
-template <typename param_t, typename state_t>
+// Instantiated for the (param, grad, state) types the op accepts: grads of the
+// param's type or float; state of the param's type, or float for 16-bit params.
+template <typename param_t, typename grad_t, typename state_t>
 cudaError_t launch_multi_tensor_adadelta(
     const AdadeltaTensorPointers* tensors,
     size_t count,

@@ -82,6 +82,10 @@ struct alignas(16) AlignedVector {
   T elements[kSize];
 };
 
+constexpr int max_of(int a, int b, int c) {
+  return a > b ? (a > c ? a : c) : (b > c ? b : c);
+}
+
 // kCount consecutive elements of the chunk from `first`, moved 16 bytes at a
 // time: only for chunks whose four pointers are 16-byte aligned.
 template <int kCount>
@@ -150,10 +154,10 @@ struct StridedElements {
 };
 
 // The first element of one chunk in each of a param's four tensors.
-template <typename param_t, typename state_t>
+template <typename param_t, typename grad_t, typename state_t>
 struct ChunkPointers {
   param_t* param;
-  param_t* grad;
+  grad_t* grad;
   state_t* square_avg;
   state_t* acc_delta;
 };
@@ -167,9 +171,9 @@ struct StepValues {
 };
 
 // Reads each element once, writes it once (grad only when unscaling).
-template <typename Elements, typename param_t, typename state_t, typename opmath>
+template <typename Elements, typename param_t, typename grad_t, typename state_t, typename opmath>
 __device__ __forceinline__ void update_elements(
-    const ChunkPointers<param_t, state_t>& chunk,
+    const ChunkPointers<param_t, grad_t, state_t>& chunk,
     const Elements& elements,
     const StepValues<opmath>& step) {
   constexpr int kCount = Elements::kElements;
@@ -228,7 +232,7 @@ __device__ __forceinline__ int tensor_of_block(
 // Launched with kThreadsPerBlock threads and one block per chunk (see
 // MultiTensorLaunchMetadata). __grid_constant__ lets device functions take
 // the arguments by reference without a copy to local memory.
-template <typename param_t, typename state_t>
+template <typename param_t, typename grad_t, typename state_t>
 __global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_adadelta_kernel(
     const __grid_constant__ MultiTensorLaunchMetadata metadata,
     const __grid_constant__ AdadeltaStepScalars<opmath_t<param_t>> scalars) {
@@ -254,9 +258,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_adadelta_kernel
   const int64_t remaining = metadata.numels[tensor] - chunk_begin;
   const int chunk_size =
       remaining < kChunkElements ? static_cast<int>(remaining) : kChunkElements;
-  const ChunkPointers<param_t, state_t> chunk{
+  const ChunkPointers<param_t, grad_t, state_t> chunk{
       static_cast<param_t*>(metadata.params[tensor]) + chunk_begin,
-      static_cast<param_t*>(metadata.grads[tensor]) + chunk_begin,
+      static_cast<grad_t*>(metadata.grads[tensor]) + chunk_begin,
       static_cast<state_t*>(metadata.square_avgs[tensor]) + chunk_begin,
       static_cast<state_t*>(metadata.acc_deltas[tensor]) + chunk_begin};
 
@@ -264,8 +268,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_adadelta_kernel
   int elementwise_begin = 0;
   if (is_16_byte_aligned(chunk.param) && is_16_byte_aligned(chunk.grad) &&
       is_16_byte_aligned(chunk.square_avg) && is_16_byte_aligned(chunk.acc_delta)) {
-    // 16 bytes of param (and 16 or 32 bytes of state) per thread per pass.
-    constexpr int kVectorElements = AlignedVector<param_t>::kSize;
+    // Whole 16-byte vectors of every tensor per thread per pass: as many
+    // elements as 16 bytes hold of the narrowest type.
+    constexpr int kVectorElements = max_of(
+        AlignedVector<param_t>::kSize, AlignedVector<grad_t>::kSize,
+        AlignedVector<state_t>::kSize);
     elementwise_begin = chunk_size / kVectorElements * kVectorElements;
     for (int first = threadIdx.x * kVectorElements; first < elementwise_begin;
          first += kThreadsPerBlock * kVectorElements) {

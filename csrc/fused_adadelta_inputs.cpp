@@ -1,0 +1,372 @@
+// The checks every call of the op passes before anything changes, and the
+// views and copies that hand a kernel flat arrays.
+#include "fused_adadelta_inputs.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/TypeCast.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace adadelta_ext {
+namespace {
+
+bool is_reduced_float(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+bool is_supported_param_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || is_reduced_float(dtype) ||
+      dtype == at::kComplexFloat || dtype == at::kComplexDouble;
+}
+
+// float16, bfloat16 and float32 params (and complex64) compute in float32.
+bool computes_in_float32(at::ScalarType param_dtype) {
+  return param_dtype != at::kDouble && param_dtype != at::kComplexDouble;
+}
+
+void check_companion(
+    const at::Tensor& tensor,
+    const at::Tensor& param,
+    const char* list_name,
+    size_t index) {
+  TORCH_CHECK(
+      tensor.defined(), "fused_adadelta_: ", list_name, "[", index, "] is undefined");
+  TORCH_CHECK(
+      tensor.layout() == at::kStrided, "fused_adadelta_: ", list_name, "[", index,
+      "] is sparse; FusedAdadelta does not support sparse gradients");
+  TORCH_CHECK(
+      tensor.device() == param.device(), "fused_adadelta_: ", list_name, "[", index,
+      "] is on ", tensor.device(), " but params[", index, "] is on ", param.device());
+  TORCH_CHECK(
+      tensor.sizes() == param.sizes(), "fused_adadelta_: ", list_name, "[", index,
+      "] has shape ", tensor.sizes(), " but params[", index, "] has shape ",
+      param.sizes());
+}
+
+void check_dtypes(
+    const at::Tensor& param,
+    const at::Tensor& grad,
+    const at::Tensor& square_avg,
+    const at::Tensor& acc_delta,
+    size_t i) {
+  const at::ScalarType dtype = param.scalar_type();
+  TORCH_CHECK(
+      is_supported_param_dtype(dtype), "fused_adadelta_: params[", i, "] has dtype ",
+      dtype, "; supported are float32, float64, float16, bfloat16, complex64 and complex128");
+  // A float32 grad is read as float32 in the kernel (torch's grad_dtype, e.g.
+  // bfloat16 weights with float32 grads).
+  const bool grad_ok = grad.scalar_type() == dtype ||
+      (grad.scalar_type() == at::kFloat && !at::isComplexType(dtype));
+  TORCH_CHECK(
+      grad_ok, "fused_adadelta_: grads[", i, "] has dtype ", grad.scalar_type(),
+      " but params[", i, "] has dtype ", dtype, "; a grad must have its param's dtype",
+      at::isComplexType(dtype) ? "" : " or float32");
+  const at::ScalarType state_dtype = square_avg.scalar_type();
+  TORCH_CHECK(
+      acc_delta.scalar_type() == state_dtype &&
+          (state_dtype == dtype || (state_dtype == at::kFloat && is_reduced_float(dtype))),
+      "fused_adadelta_: square_avgs[", i, "] and acc_deltas[", i,
+      "] must both have the dtype of params[", i, "] (", dtype, ")",
+      is_reduced_float(dtype) ? " or both float32" : "", ", got ", state_dtype, " and ",
+      acc_delta.scalar_type());
+}
+
+// As ATen refuses an in-place op on an inference tensor outside InferenceMode.
+void check_writable(const at::Tensor& tensor, const char* list_name, size_t index) {
+  TORCH_CHECK(
+      !tensor.is_inference() || c10::InferenceMode::is_enabled(), "fused_adadelta_: ",
+      list_name, "[", index,
+      "] is an inference tensor. Inplace update to inference tensor outside "
+      "InferenceMode is not allowed. You can make a clone to get a normal tensor "
+      "before doing inplace update.");
+}
+
+void check_scalar_tensor(
+    const std::optional<at::Tensor>& tensor,
+    const char* name,
+    const at::Device& device,
+    bool integers_allowed) {
+  if (!tensor.has_value()) {
+    return;
+  }
+  TORCH_CHECK(
+      tensor->numel() == 1, "fused_adadelta_: ", name, " must have one element, got ",
+      tensor->numel());
+  const at::ScalarType dtype = tensor->scalar_type();
+  TORCH_CHECK(
+      at::isFloatingType(dtype) || (integers_allowed && at::isIntegralType(dtype, false)),
+      "fused_adadelta_: ", name, " must be a ",
+      integers_allowed ? "real (floating-point or integer)" : "floating-point",
+      " tensor, got ", dtype);
+  TORCH_CHECK(
+      tensor->device() == device, "fused_adadelta_: ", name, " is on ", tensor->device(),
+      " but the params are on ", device);
+}
+
+// torch raises this for a scalar its float32 kernels cannot hold (lr=1e300).
+void check_fits_float32(double value, const char* name) {
+  const bool overflows = c10::overflows<float, double>(value);
+  TORCH_CHECK(
+      !overflows, "fused_adadelta_: ", name, "=", value,
+      ": value cannot be converted to type float without overflow");
+}
+
+void check_options(
+    at::TensorList params,
+    const at::Device& device,
+    const FusedAdadeltaOptions& options) {
+  check_scalar_tensor(options.lr_tensor, "lr", device, /*integers_allowed=*/true);
+  check_scalar_tensor(options.grad_scale, "grad_scale", device, false);
+  check_scalar_tensor(options.found_inf, "found_inf", device, false);
+  const bool any_float32_compute = std::any_of(
+      params.begin(), params.end(),
+      [](const at::Tensor& param) { return computes_in_float32(param.scalar_type()); });
+  if (any_float32_compute) {
+    if (!options.lr_tensor.has_value()) {
+      check_fits_float32(options.lr, "lr");
+    }
+    check_fits_float32(options.eps, "eps");
+    check_fits_float32(options.weight_decay, "weight_decay");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Memory shared between tensors. Each tensor is reduced to the byte range from
+// its first to one past its last element; ranges that intersect are taken to
+// share memory (conservative for interleaved views, exact for everything else).
+
+enum class Role { kParam, kGrad, kSquareAvg, kAccDelta, kStep };
+
+const char* role_name(Role role) {
+  switch (role) {
+    case Role::kParam:
+      return "params";
+    case Role::kGrad:
+      return "grads";
+    case Role::kSquareAvg:
+      return "square_avgs";
+    case Role::kAccDelta:
+      return "acc_deltas";
+    case Role::kStep:
+      return "state_steps";
+  }
+  return "?";
+}
+
+struct MemoryRange {
+  uintptr_t begin;
+  uintptr_t end;
+  Role role;
+  size_t index;
+};
+
+void add_range(std::vector<MemoryRange>& ranges, const at::Tensor& tensor, Role role, size_t index) {
+  if (tensor.numel() == 0) {
+    return;
+  }
+  int64_t last = 0;  // offset of the last element, in elements
+  for (int64_t dim = 0; dim < tensor.dim(); ++dim) {
+    last += (tensor.size(dim) - 1) * tensor.stride(dim);
+  }
+  const auto begin = reinterpret_cast<uintptr_t>(tensor.const_data_ptr());
+  ranges.push_back(
+      {begin, begin + static_cast<uintptr_t>((last + 1) * tensor.element_size()), role, index});
+}
+
+void check_no_internal_overlap(const at::Tensor& tensor, Role role, size_t index) {
+  TORCH_CHECK(
+      at::has_internal_overlap(tensor) != at::MemOverlap::Yes, "fused_adadelta_: ",
+      role_name(role), "[", index,
+      "] is written but has elements that share memory (an expanded tensor?): "
+      "unsupported operation: more than one element of the written-to tensor refers "
+      "to a single memory location. Please clone() the tensor before performing the "
+      "operation.");
+}
+
+// Returns whether params share memory with each other; raises if any other
+// two tensors that must not share memory do.
+bool check_shared_memory(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    bool grads_are_written) {
+  std::vector<MemoryRange> ranges;
+  ranges.reserve(5 * params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_no_internal_overlap(params[i], Role::kParam, i);
+    check_no_internal_overlap(square_avgs[i], Role::kSquareAvg, i);
+    check_no_internal_overlap(acc_deltas[i], Role::kAccDelta, i);
+    if (grads_are_written) {
+      check_no_internal_overlap(grads[i], Role::kGrad, i);
+    }
+    add_range(ranges, params[i], Role::kParam, i);
+    add_range(ranges, grads[i], Role::kGrad, i);
+    add_range(ranges, square_avgs[i], Role::kSquareAvg, i);
+    add_range(ranges, acc_deltas[i], Role::kAccDelta, i);
+    add_range(ranges, state_steps[i], Role::kStep, i);
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const MemoryRange& a, const MemoryRange& b) {
+    return a.begin < b.begin;
+  });
+  bool params_overlap = false;
+  for (size_t a = 0; a < ranges.size(); ++a) {
+    for (size_t b = a + 1; b < ranges.size() && ranges[b].begin < ranges[a].end; ++b) {
+      const Role first = ranges[a].role;
+      const Role second = ranges[b].role;
+      if (first == Role::kParam && second == Role::kParam) {
+        params_overlap = true;
+        continue;
+      }
+      // Read-only grads may alias each other; steps are counters two params may share.
+      const bool shareable = first == second &&
+          (first == Role::kStep || (first == Role::kGrad && !grads_are_written));
+      TORCH_CHECK(
+          shareable, "fused_adadelta_: ", role_name(first), "[", ranges[a].index, "] and ",
+          role_name(second), "[", ranges[b].index,
+          "] share memory; each param's grad and state must be tensors of their own");
+    }
+  }
+  return params_overlap;
+}
+
+// Two dense tensors of one shape have their elements in the same order in
+// memory when their strides agree on every dimension longer than one.
+bool shares_dense_layout(const at::Tensor& param, const at::Tensor& other) {
+  for (int64_t dim = 0; dim < param.dim(); ++dim) {
+    if (param.size(dim) > 1 && param.stride(dim) != other.stride(dim)) {
+      return false;
+    }
+  }
+  return other.is_non_overlapping_and_dense();
+}
+
+} // namespace
+
+CheckedCall check_fused_adadelta_call(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    const FusedAdadeltaOptions& options) {
+  TORCH_CHECK(
+      grads.size() == params.size() && square_avgs.size() == params.size() &&
+          acc_deltas.size() == params.size() && state_steps.size() == params.size(),
+      "fused_adadelta_: params, grads, square_avgs, acc_deltas and state_steps must have "
+      "the same length, got ",
+      params.size(), ", ", grads.size(), ", ", square_avgs.size(), ", ",
+      acc_deltas.size(), " and ", state_steps.size());
+  if (params.empty()) {
+    return {false};
+  }
+  const at::Device device = params[0].device();
+  const bool grads_are_written = options.grad_scale.has_value();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& param = params[i];
+    TORCH_CHECK(
+        param.defined() && param.layout() == at::kStrided, "fused_adadelta_: params[", i,
+        "] must be a defined dense tensor");
+    TORCH_CHECK(
+        param.device() == device, "fused_adadelta_: params[", i, "] is on ", param.device(),
+        " but params[0] is on ", device, "; one call updates tensors of one device");
+    check_companion(grads[i], param, "grads", i);
+    check_companion(square_avgs[i], param, "square_avgs", i);
+    check_companion(acc_deltas[i], param, "acc_deltas", i);
+    check_dtypes(param, grads[i], square_avgs[i], acc_deltas[i], i);
+    const at::Tensor& step = state_steps[i];
+    TORCH_CHECK(
+        step.defined() && step.numel() == 1 &&
+            (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble) &&
+            step.device() == device,
+        "fused_adadelta_: state_steps[", i,
+        "] must be a one-element float32 or float64 tensor on ", device);
+    check_writable(param, "params", i);
+    check_writable(square_avgs[i], "square_avgs", i);
+    check_writable(acc_deltas[i], "acc_deltas", i);
+    check_writable(step, "state_steps", i);
+    if (grads_are_written) {
+      check_writable(grads[i], "grads", i);
+    }
+  }
+  check_options(params, device, options);
+  if (device.is_meta()) {
+    return {false};
+  }
+  return {check_shared_memory(
+      params, grads, square_avgs, acc_deltas, state_steps, grads_are_written)};
+}
+
+RealTensorLists::RealTensorLists(
+    at::TensorList params_in,
+    at::TensorList grads_in,
+    at::TensorList square_avgs_in,
+    at::TensorList acc_deltas_in)
+    : params(params_in),
+      grads(grads_in),
+      square_avgs(square_avgs_in),
+      acc_deltas(acc_deltas_in) {
+  const bool any_complex = std::any_of(
+      params_in.begin(), params_in.end(), [](const at::Tensor& p) { return p.is_complex(); });
+  if (!any_complex) {
+    return;
+  }
+  at::TensorList* lists[4] = {&params, &grads, &square_avgs, &acc_deltas};
+  for (int list = 0; list < 4; ++list) {
+    for (const at::Tensor& tensor : *lists[list]) {
+      views_[list].push_back(tensor.is_complex() ? at::view_as_real(tensor) : tensor);
+    }
+    *lists[list] = views_[list];
+  }
+}
+
+FlatTensorLists::FlatTensorLists(
+    at::TensorList params_in,
+    at::TensorList grads_in,
+    at::TensorList square_avgs_in,
+    at::TensorList acc_deltas_in,
+    bool grads_are_written)
+    : params(params_in.vec()),
+      grads(grads_in.vec()),
+      square_avgs(square_avgs_in.vec()),
+      acc_deltas(acc_deltas_in.vec()),
+      original_params_(params_in),
+      original_grads_(grads_in),
+      original_square_avgs_(square_avgs_in),
+      original_acc_deltas_(acc_deltas_in),
+      grads_are_written_(grads_are_written) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& param = params[i];
+    const bool flat = param.is_non_overlapping_and_dense() &&
+        shares_dense_layout(param, grads[i]) && shares_dense_layout(param, square_avgs[i]) &&
+        shares_dense_layout(param, acc_deltas[i]);
+    if (!flat) {
+      params[i] = params[i].contiguous();
+      grads[i] = grads[i].contiguous();
+      square_avgs[i] = square_avgs[i].contiguous();
+      acc_deltas[i] = acc_deltas[i].contiguous();
+      copied_.push_back(i);
+    }
+  }
+}
+
+void FlatTensorLists::write_back() const {
+  for (const size_t i : copied_) {
+    const auto copy_if_needed = [](const at::Tensor& original, const at::Tensor& flat) {
+      if (!original.is_same(flat)) {
+        original.copy_(flat);
+      }
+    };
+    copy_if_needed(original_params_[i], params[i]);
+    copy_if_needed(original_square_avgs_[i], square_avgs[i]);
+    copy_if_needed(original_acc_deltas_[i], acc_deltas[i]);
+    if (grads_are_written_) {
+      copy_if_needed(original_grads_[i], grads[i]);
+    }
+  }
+}
+
+} // namespace adadelta_ext

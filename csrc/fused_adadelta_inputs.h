@@ -1,0 +1,104 @@
+// The op's arguments: their checks, and the views and copies that let a
+// kernel walk each param's tensors as flat arrays.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace adadelta_ext {
+
+// The scalar arguments of one call, as the schema in fused_adadelta.cpp names them.
+struct FusedAdadeltaOptions {
+  double lr;  // used when lr_tensor is empty
+  std::optional<at::Tensor> lr_tensor;  // one element, on the params' device
+  double rho;
+  double eps;
+  double weight_decay;
+  bool maximize;
+  std::optional<at::Tensor> grad_scale;  // set by torch.amp.GradScaler
+  std::optional<at::Tensor> found_inf;  // set by torch.amp.GradScaler
+};
+
+// What check_fused_adadelta_call learned that the call must act on.
+struct CheckedCall {
+  // Some params share memory (views of one tensor): update them one at a time.
+  bool params_overlap;
+};
+
+// Raises (RuntimeError, naming the list and index and the problem) unless one
+// kernel pass can update these tensors without touching memory it must not:
+// - equal lengths, one device for every tensor (and for lr, grad_scale and
+//   found_inf), matching shapes, dense (strided) layouts;
+// - dtypes the kernels are built for: params float32, float64, float16,
+//   bfloat16 or complex; grads of the param's dtype or float32; square_avgs and
+//   acc_deltas both of the param's dtype, or both float32 for float16/bfloat16;
+//   one-element float32/float64 steps;
+// - no inference tensor outside InferenceMode, as for ATen's in-place ops;
+// - no written tensor (params, states, and grads when grad_scale unscales them)
+//   whose elements share memory, and no two tensors of different roles
+//   sharing memory (params may share memory with each other);
+// - lr, eps and weight_decay representable in the params' compute type.
+// The address checks are skipped on the meta device, which has no memory.
+CheckedCall check_fused_adadelta_call(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    const FusedAdadeltaOptions& options);
+
+// The lists with each complex tensor viewed as a real one with a trailing
+// dimension of 2 (torch.view_as_real), as torch.optim updates complex params.
+// Without complex tensors, the caller's lists themselves.
+class RealTensorLists {
+ public:
+  RealTensorLists(
+      at::TensorList params,
+      at::TensorList grads,
+      at::TensorList square_avgs,
+      at::TensorList acc_deltas);
+  RealTensorLists(const RealTensorLists&) = delete;
+  RealTensorLists& operator=(const RealTensorLists&) = delete;
+
+  at::TensorList params;
+  at::TensorList grads;
+  at::TensorList square_avgs;
+  at::TensorList acc_deltas;
+
+ private:
+  std::vector<at::Tensor> views_[4];
+};
+
+// The kernels walk each param's four tensors as flat arrays with one index.
+// That holds when all four are dense and laid out alike (contiguous, or a
+// channels_last or transposed param whose state follows its layout). Any
+// other param (a sliced view, say) is updated through contiguous copies that
+// write_back() copies into the caller's tensors.
+class FlatTensorLists {
+ public:
+  FlatTensorLists(
+      at::TensorList params,
+      at::TensorList grads,
+      at::TensorList square_avgs,
+      at::TensorList acc_deltas,
+      bool grads_are_written);
+
+  void write_back() const;
+
+  std::vector<at::Tensor> params;
+  std::vector<at::Tensor> grads;
+  std::vector<at::Tensor> square_avgs;
+  std::vector<at::Tensor> acc_deltas;
+
+ private:
+  at::TensorList original_params_;
+  at::TensorList original_grads_;
+  at::TensorList original_square_avgs_;
+  at::TensorList original_acc_deltas_;
+  bool grads_are_written_;
+  std::vector<size_t> copied_;
+};
+
+} // namespace adadelta_ext
