@@ -2,6 +2,7 @@
 kernel too where torch has CUDA and nvcc is found.
 
 ADADELTA_EXT_CUDA=1 forces the CUDA build (and fails without CUDA), =0 skips it.
+ADADELTA_EXT_SANITIZE=1 builds with ASan and UBSan, CPU only (tools/sanitize.sh).
 Build with `pip install --no-build-isolation -e .` so the installed torch is used.
 """
 
@@ -34,7 +35,24 @@ if platform.machine() in ("x86_64", "AMD64"):
     ]
 
 
+# The sanitized build. -O1 -fno-omit-frame-pointer -g: ASan's advice, fast enough and with whole
+# stacks and line numbers. -fno-sanitize-recover=all: UBSan aborts at a finding instead of
+# printing it and going on, so the run fails.
+# -fno-sanitize=vptr: torch's classes are not built for it (their RTTI comes from libraries that
+# Python loads privately), so its dynamic-type checks on them are prone to false reports.
+SANITIZE = os.environ.get("ADADELTA_EXT_SANITIZE") == "1"
+# -fno-wrapv: Python's own CFLAGS make signed overflow defined (-fwrapv), hiding it from UBSan.
+SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-sanitize=vptr",
+    "-fno-wrapv",
+]
+
+
 def build_cuda() -> bool:
+    if SANITIZE:  # ASan does not cover device code: a sanitized build is CPU only
+        return False
     forced = os.environ.get("ADADELTA_EXT_CUDA")
     if forced is not None:
         return forced == "1"
@@ -62,9 +80,10 @@ class BuildExtensionPerIsa(BuildExtension):
 
 
 def extension():
-    sources = ["csrc/fused_adadelta.cpp", "csrc/cpu/fused_adadelta_cpu.cpp"]
-    cxx_flags = ["-O3"]
-    link_flags = []
+    sources = ["csrc/fused_adadelta.cpp", "csrc/fused_adadelta_inputs.cpp", "csrc/cpu/fused_adadelta_cpu.cpp"]
+    # BuildExtensionPerIsa compiles the per-ISA kernels with these too.
+    cxx_flags = ["-O1", "-fno-omit-frame-pointer", "-g", *SANITIZE_FLAGS] if SANITIZE else ["-O3"]
+    link_flags = ["-fsanitize=address,undefined"] if SANITIZE else []
     if torch.backends.openmp.is_available():
         # at::parallel_for is a header template: its OpenMP pragmas run in
         # parallel only when this extension is compiled with OpenMP too.
