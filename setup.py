@@ -20,6 +20,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # and picked at run time; -march=native would make a build that crashes elsewhere.
 # -ffp-contract=off: no a*b+c fused into an FMA where the instruction set has
 # one, so every build rounds alike and gives bit-identical results.
+#
+# Adding an instruction set: add an entry here, named as ATen names the
+# capability (at::get_cpu_capability(): "AVX2", "AVX512", "SVE256", ...), in
+# ascending order, with the compiler flags that enable it. Nothing else: the
+# build registers itself under that name, the op runs it when torch runs its own
+# kernels with that capability, and the tests compare it with the others.
 CPU_KERNEL_SOURCE = "csrc/cpu/adadelta_cpu_kernel.cpp"
 CPU_KERNEL_COMMON_FLAGS = ["-ffp-contract=off"]
 CPU_KERNEL_FLAGS = {"DEFAULT": []}
@@ -68,11 +74,15 @@ class BuildExtensionPerIsa(BuildExtension):
             if isinstance(ext.extra_compile_args, dict)
             else ext.extra_compile_args
         )
-        for isa, isa_flags in CPU_KERNEL_FLAGS.items():
+        for rank, (isa, isa_flags) in enumerate(CPU_KERNEL_FLAGS.items()):
             ext.extra_objects += self.compiler.compile(
                 [CPU_KERNEL_SOURCE],
                 output_dir=os.path.join(self.build_temp, isa),
-                macros=[("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)],
+                macros=[
+                    ("CPU_CAPABILITY", isa),
+                    (f"CPU_CAPABILITY_{isa}", None),
+                    ("ADADELTA_CPU_ISA_RANK", str(rank)),
+                ],
                 include_dirs=ext.include_dirs,
                 extra_postargs=cxx_flags + CPU_KERNEL_COMMON_FLAGS + isa_flags,
             )
@@ -89,13 +99,11 @@ def extension():
         # parallel only when this extension is compiled with OpenMP too.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    if len(CPU_KERNEL_FLAGS) > 1:
-        cxx_flags.append("-DADADELTA_CPU_ISA_DISPATCH")
     if not build_cuda():
         return CppExtension(
             "adadelta_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
-    sources += ["csrc/cuda/fused_adadelta_cuda.cpp", "csrc/cuda/fused_adadelta_kernel.cu"]
+    sources += ["csrc/cuda/fused_adadelta_cuda.cpp", "csrc/cuda/adadelta_cuda_launch.cu"]
     # No --use_fast_math: it changes sqrt and division and breaks parity with torch.
     # Machine code for A100 (sm_80) and H100 (sm_90), and sm_90's PTX, which the
     # driver compiles for GPUs newer than both.

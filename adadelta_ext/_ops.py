@@ -30,6 +30,11 @@ def cpu_kernel_isa() -> str:
     return torch.ops.adadelta_ext.cpu_kernel_isa()
 
 
+def cpu_kernel_isas() -> list[str]:
+    """The instruction sets the CPU kernel was built for, in ascending order, e.g. ``["DEFAULT", "AVX2"]``."""
+    return torch.ops.adadelta_ext.cpu_kernel_isas()
+
+
 def fused_adadelta_(
     params: list[Tensor],
     grads: list[Tensor],

@@ -1,7 +1,7 @@
 // The Adadelta update of one element (or one SIMD vector of elements).
 //
 // This header includes no torch header, so nvcc can compile the CUDA kernels
-// alone (see csrc/cuda/multi_tensor_adadelta.cuh) on a machine whose torch has
+// alone (see csrc/cuda/adadelta_cuda_kernel.cuh) on a machine whose torch has
 // no CUDA headers. The CPU kernel instantiates it with at::vec::Vectorized,
 // the CUDA kernel with float or double: the math is written once, here.
 #pragma once

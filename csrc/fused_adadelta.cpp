@@ -99,8 +99,10 @@ TORCH_LIBRARY(adadelta_ext, m) {
       "Tensor[] square_avgs, Tensor[] acc_deltas, Tensor[] state_steps, *, Tensor lr, "
       "float rho, float eps, float weight_decay, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // Which instruction set the CPU kernel runs with: "AVX512", "AVX2" or "DEFAULT".
+  // Which instruction set the CPU kernel runs with ("AVX512", "AVX2", "DEFAULT"),
+  // and those it was built for.
   m.def("cpu_kernel_isa() -> str", &cpu::kernel_isa);
+  m.def("cpu_kernel_isas() -> str[]", &cpu::kernel_isas);
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, ADInplaceOrView, m) {

@@ -18,9 +18,9 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
-KERNEL_SOURCE = CUDA_DIR / "fused_adadelta_kernel.cu"
+KERNEL_SOURCE = CUDA_DIR / "adadelta_cuda_launch.cu"
 GLUE_SOURCE = CUDA_DIR / "fused_adadelta_cuda.cpp"
-TORCH_FREE_SOURCES = ["multi_tensor_adadelta.cuh", "fused_adadelta_kernel.cu", "fused_adadelta_launch.h"]
+TORCH_FREE_SOURCES = ["adadelta_cuda_kernel.cuh", "adadelta_cuda_launch.cu", "adadelta_cuda_launch.h"]
 
 # As setup.py's CUDA build compiles the kernel: torch's own nvcc flags (they turn
 # off __half's implicit conversions), setup.py's, one of its architectures.
@@ -85,7 +85,7 @@ def test_kernel_compiles_without_spills(arch, standard, tmp_path):
         "-c",
         str(KERNEL_SOURCE),
         "-o",
-        str(tmp_path / "fused_adadelta_kernel.o"),
+        str(tmp_path / "adadelta_cuda_launch.o"),
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, compile_failure(command, result)

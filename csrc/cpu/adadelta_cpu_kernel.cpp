@@ -1,6 +1,7 @@
 // The CPU kernel. setup.py compiles this file once per instruction set, with
-// -DCPU_CAPABILITY=<set> and that set's compiler flags (-mavx2, -mavx512f, ...),
-// and fused_adadelta_cpu.cpp picks one at run time, as ATen does.
+// -DCPU_CAPABILITY=<set> and that set's compiler flags (-mavx2, -mavx512f, ...);
+// each build registers itself, and fused_adadelta_cpu.cpp picks one at run
+// time, as ATen does.
 //
 // Only at::vec (whose code lives in a namespace named by CPU_CAPABILITY) is
 // used here, so no plain c10 inline function compiled with AVX-512 flags can
@@ -149,7 +150,7 @@ void update_range(
 // Every (param, grad, state) dtype triple the op accepts (see
 // check_fused_adadelta_call): grads of the param's dtype or float32; state of
 // the param's dtype, or float32 for float16/bfloat16.
-UpdateRangeFn find_update_range(const KernelDtypes& dtypes) {
+UpdateRangeFn find_update_range_in_this_build(const KernelDtypes& dtypes) {
   using c10::BFloat16;
   using c10::Half;
   using c10::ScalarType;
@@ -184,6 +185,11 @@ UpdateRangeFn find_update_range(const KernelDtypes& dtypes) {
   }
   return nullptr;
 }
+
+#define ADADELTA_STRINGIFY(name) #name
+#define ADADELTA_NAME_OF(name) ADADELTA_STRINGIFY(name)
+const bool registered = register_kernel_isa(
+    ADADELTA_NAME_OF(CPU_CAPABILITY), ADADELTA_CPU_ISA_RANK, &find_update_range_in_this_build);
 
 } // namespace CPU_CAPABILITY
 } // namespace adadelta_ext::cpu

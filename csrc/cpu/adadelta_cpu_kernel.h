@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "../adadelta_math.h"
 
@@ -44,23 +45,19 @@ struct KernelDtypes {
 // process runs with (see kernel_isa), or nullptr if none was built for them.
 UpdateRangeFn find_update_range(const KernelDtypes& dtypes);
 
-// The instruction set the CPU kernel runs with: "AVX512", "AVX2" or "DEFAULT",
-// chosen by at::get_cpu_capability(), so ATEN_CPU_CAPABILITY is honoured.
+// The instruction set the CPU kernel runs with: the one torch's own kernels
+// run with (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY) if a
+// kernel was built for it, else "DEFAULT".
 std::string kernel_isa();
 
-// Each instruction-set build defines find_update_range in the namespace its
-// CPU_CAPABILITY macro names, as ATen does for its own kernels.
-#define ADADELTA_DECLARE_CPU_KERNEL(capability) \
-  namespace capability {                        \
-  UpdateRangeFn find_update_range(const KernelDtypes& dtypes); \
-  }
+// The instruction sets a kernel was built for, in setup.py's order.
+std::vector<std::string> kernel_isas();
 
-ADADELTA_DECLARE_CPU_KERNEL(DEFAULT)
-#if defined(ADADELTA_CPU_ISA_DISPATCH)
-ADADELTA_DECLARE_CPU_KERNEL(AVX2)
-ADADELTA_DECLARE_CPU_KERNEL(AVX512)
-#endif
-
-#undef ADADELTA_DECLARE_CPU_KERNEL
+// setup.py compiles adadelta_cpu_kernel.cpp once per entry of its
+// CPU_KERNEL_FLAGS, with -DCPU_CAPABILITY=<name> and that entry's position as
+// -DADADELTA_CPU_ISA_RANK; each build registers its lookup under its name when
+// the library loads. (So the list of instruction sets lives in setup.py alone.)
+using FindUpdateRangeFn = UpdateRangeFn (*)(const KernelDtypes& dtypes);
+bool register_kernel_isa(const char* isa, int rank, FindUpdateRangeFn find);
 
 } // namespace adadelta_ext::cpu

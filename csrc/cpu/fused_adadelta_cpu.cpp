@@ -15,29 +15,59 @@
 
 namespace adadelta_ext::cpu {
 
-std::string kernel_isa() {
-#if defined(ADADELTA_CPU_ISA_DISPATCH)
-  const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512" || capability == "AVX2") {
-    return capability;
+namespace {
+
+struct RegisteredIsa {
+  std::string name;
+  int rank;
+  FindUpdateRangeFn find;
+};
+
+// Filled while the library loads, before any op runs.
+std::vector<RegisteredIsa>& registered_isas() {
+  static std::vector<RegisteredIsa> isas;
+  return isas;
+}
+
+const RegisteredIsa* find_isa(const std::string& name) {
+  for (const RegisteredIsa& isa : registered_isas()) {
+    if (isa.name == name) {
+      return &isa;
+    }
   }
-#endif
-  return "DEFAULT";
+  return nullptr;
+}
+
+} // namespace
+
+bool register_kernel_isa(const char* isa, int rank, FindUpdateRangeFn find) {
+  registered_isas().push_back({isa, rank, find});
+  return true;
+}
+
+std::vector<std::string> kernel_isas() {
+  std::vector<RegisteredIsa> isas = registered_isas();
+  std::sort(isas.begin(), isas.end(), [](const RegisteredIsa& a, const RegisteredIsa& b) {
+    return a.rank < b.rank;
+  });
+  std::vector<std::string> names;
+  for (const RegisteredIsa& isa : isas) {
+    names.push_back(isa.name);
+  }
+  return names;
+}
+
+std::string kernel_isa() {
+  const std::string capability = at::get_cpu_capability();
+  return find_isa(capability) != nullptr ? capability : "DEFAULT";
 }
 
 UpdateRangeFn find_update_range(const KernelDtypes& dtypes) {
   // The instruction set is picked once, as torch picks its own kernels.
-  static const auto find_in_isa_build = [] {
-#if defined(ADADELTA_CPU_ISA_DISPATCH)
-    const std::string isa = kernel_isa();
-    if (isa == "AVX512") {
-      return &AVX512::find_update_range;
-    }
-    if (isa == "AVX2") {
-      return &AVX2::find_update_range;
-    }
-#endif
-    return &DEFAULT::find_update_range;
+  static const FindUpdateRangeFn find_in_isa_build = [] {
+    const RegisteredIsa* isa = find_isa(kernel_isa());
+    TORCH_INTERNAL_ASSERT(isa != nullptr, "fused_adadelta_: no CPU kernel was built for DEFAULT");
+    return isa->find;
   }();
   return find_in_isa_build(dtypes);
 }

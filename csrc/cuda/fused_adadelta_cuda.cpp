@@ -1,6 +1,6 @@
 // The CUDA implementation of adadelta_ext::fused_adadelta_: given checked
 // arguments (fused_adadelta.h), the multi-tensor kernel
-// (fused_adadelta_kernel.cu) once per (param, grad, state) dtype group, on the
+// (adadelta_cuda_launch.cu) once per (param, grad, state) dtype group, on the
 // current stream. Nothing here waits
 // for the device or copies to the host, so a CUDA graph can capture a step:
 // lr, grad_scale and found_inf are read by the kernel, which also increments
@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "../fused_adadelta.h"
-#include "fused_adadelta_launch.h"
+#include "adadelta_cuda_launch.h"
 
 namespace adadelta_ext::cuda {
 namespace {

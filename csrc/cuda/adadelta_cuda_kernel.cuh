@@ -1,7 +1,14 @@
 // The multi-tensor Adadelta kernel: one launch updates many tensors. Each
 // tensor is cut into chunks of kChunkElements, and each block updates one
 // chunk of one tensor, found from metadata passed by value as a kernel
-// argument. No torch header, so nvcc compiles it alone.
+// argument. Launched by adadelta_cuda_launch.cu.
+//
+// NOTE: why not ATen's MultiTensorApply.cuh. It is the model (metadata by
+// value, chunks, 16-byte vectors where aligned), but it includes ATen, so a
+// kernel built on it compiles only against a CUDA build of torch. This kernel
+// includes no torch header: nvcc compiles it alone, which lets CI (a CPU
+// torch) build it for every architecture and check its PTX, and lets the math
+// of adadelta_math.h be shared with the CPU kernel unchanged.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,7 +18,7 @@
 #include <cstdint>
 
 #include "../adadelta_math.h"
-#include "fused_adadelta_launch.h"
+#include "adadelta_cuda_launch.h"
 
 namespace adadelta_ext::cuda {
 

@@ -1,6 +1,6 @@
 // The interface between the CUDA op's ATen glue (fused_adadelta_cuda.cpp,
-// built by the host compiler) and its kernel (fused_adadelta_kernel.cu, built
-// by nvcc). No torch header and no device code: each side compiles alone.
+// built by the host compiler) and the kernel's launch (adadelta_cuda_launch.cu,
+// built by nvcc). No torch header and no device code: each side compiles alone.
 #pragma once
 
 #include <cuda_bf16.h>

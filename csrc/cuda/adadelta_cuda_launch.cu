@@ -1,11 +1,11 @@
-// The host side of the multi-tensor Adadelta kernel: fills launch metadata
-// from a list of tensors and launches the kernel each time it is full.
-// No torch header: fused_adadelta_cuda.cpp calls in through
-// fused_adadelta_launch.h.
+// The launch of the multi-tensor Adadelta kernel (adadelta_cuda_kernel.cuh):
+// fills launch metadata from a list of tensors and launches the kernel each
+// time it is full. No torch header: fused_adadelta_cuda.cpp calls in through
+// adadelta_cuda_launch.h.
 #include <algorithm>
 
-#include "fused_adadelta_launch.h"
-#include "multi_tensor_adadelta.cuh"
+#include "adadelta_cuda_kernel.cuh"
+#include "adadelta_cuda_launch.h"
 
 namespace adadelta_ext::cuda {
 
