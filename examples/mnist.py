@@ -1,6 +1,10 @@
 """The Adadelta tutorial's MNIST run, offline: its hand-written step, torch.optim.Adadelta and FusedAdadelta.
 
-    python -m adadelta_ext.examples.mnist [--epochs 5] [--data-dir DIR] [--device cuda] [--max-steps N]
+    python -m examples.mnist [--epochs 5] [--data-dir DIR] [--device cuda] [--max-steps N]
+
+run from the repository root (``bash tools/demo.sh`` installs what it needs and runs it).
+The tutorial, the PyTorch notebook this project started from, is not in this
+repository; its hand-written step is ``adadelta_ext.reference``.
 
 Each optimizer trains the tutorial's 784-200-10 MLP from the same initial
 weights on the same batches. At lr=1 the three steps are the same arithmetic
@@ -33,7 +37,7 @@ from tqdm import tqdm
 
 import adadelta_ext
 from adadelta_ext import FusedAdadelta, reference
-from adadelta_ext.examples.mnist_data import MnistFormatError, MnistSplit, load_mnist
+from examples.mnist_data import MnistFormatError, MnistSplit, load_mnist
 
 LOG_EVERY = 30  # steps between recorded losses, as in the tutorial
 
@@ -325,7 +329,7 @@ def _positive_int(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m adadelta_ext.examples.mnist",
+        prog="python -m examples.mnist",
         description=__doc__.split("\n")[0],
     )
     parser.add_argument("--rho", type=float, default=DemoConfig.rho)
