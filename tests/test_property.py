@@ -1,15 +1,9 @@
-"""Property tests (hypothesis): FusedAdadelta computes the Adadelta step of REFERENCE.md.
+"""Property tests (hypothesis): FusedAdadelta computes the Adadelta step.
 
 For random shapes (0-d, empty, odd lengths, 2-D, lengths past the CPU kernel's
 parallel grain), dtypes, hyperparameters and step counts, FusedAdadelta is compared
-with `reference_adadelta`, the formula of REFERENCE.md written here in float64:
-
-    g          = -grad if maximize else grad
-    g          = g + weight_decay * param            (only when weight_decay != 0)
-    square_avg = rho * square_avg + (1 - rho) * g * g
-    update     = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g
-    acc_delta  = rho * acc_delta + (1 - rho) * update * update
-    param      = param - lr * update
+with `reference_adadelta`, the update of csrc/adadelta_math.h (and of
+FusedAdadelta's docstring) written here in float64.
 
 The tolerance, derived rather than tuned (`error_bound`): per step and per element,
 
@@ -147,7 +141,7 @@ def run_fused(case: dict, params: list[torch.Tensor], grads: list[list[torch.Ten
 def reference_adadelta(
     param, grads, *, lr, rho, eps, weight_decay, maximize
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """REFERENCE.md's step in float64, with the magnitude of each result alongside (see the module doc)."""
+    """The Adadelta step in float64, with the magnitude of each result alongside (see the module doc)."""
     value = {"param": param.double(), "square_avg": torch.zeros_like(param, dtype=torch.float64)}
     value["acc_delta"] = value["square_avg"].clone()
     magnitude = {key: tensor.abs() for key, tensor in value.items()}
