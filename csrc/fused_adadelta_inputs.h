@@ -39,7 +39,8 @@ struct CheckedCall {
 // - no written tensor (params, states, and grads when grad_scale unscales them)
 //   whose elements share memory, and no two tensors of different roles
 //   sharing memory (params may share memory with each other);
-// - lr, eps and weight_decay representable in the params' compute type.
+// - lr, rho, eps and weight_decay in torch.optim.Adadelta's ranges (a
+//   ValueError), and representable in the params' compute type.
 // The address checks are skipped on the meta device, which has no memory.
 CheckedCall check_fused_adadelta_call(
     at::TensorList params,
