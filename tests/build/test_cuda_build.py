@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 KERNEL_SOURCE = CUDA_DIR / "adadelta_cuda_launch.cu"
 GLUE_SOURCE = CUDA_DIR / "fused_adadelta_cuda.cpp"

@@ -29,7 +29,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VERSION = "0.1.0"
 BUILD_TIMEOUT_S = 1200
 
@@ -89,13 +89,15 @@ def distributions(source_copy) -> dict[str, Path]:
 
 def test_sdist_holds_every_file_the_build_reads(source_copy, distributions):
     """All of csrc/ (sources and the .h/.cuh headers, the CUDA files too), setup.py, pyproject.toml,
-    README.md, the Python package with its py.typed marker and the tests' helpers; no binary."""
+    README.md, the Python package with its py.typed marker, and every file of tests/ (the suite runs
+    from an sdist); no binary."""
     root = f"adadelta_ext-{VERSION}/"
     with tarfile.open(distributions["sdist"]) as sdist:
         names = {name.removeprefix(root) for name in sdist.getnames()}
     expected = {str(p.relative_to(source_copy)) for p in (source_copy / "csrc").rglob("*") if p.is_file()}
     expected |= {str(p.relative_to(source_copy)) for p in (source_copy / "adadelta_ext").rglob("*.py")}
-    expected |= {"setup.py", "pyproject.toml", "README.md", "adadelta_ext/py.typed", "tests/optim_testing.py"}
+    expected |= {str(p.relative_to(source_copy)) for p in (source_copy / "tests").rglob("*.py")}
+    expected |= {"setup.py", "pyproject.toml", "README.md", "adadelta_ext/py.typed"}
     assert any(name.endswith((".h", ".cuh")) for name in expected), "the headers are part of the check"
     assert sorted(expected - names) == []
     assert [name for name in names if name.endswith((".so", ".o", ".pyc"))] == []
@@ -110,7 +112,8 @@ def test_wheel_holds_the_compiled_extension_and_the_typing_marker(distributions)
 
 
 # Run in the fresh environment, from a directory outside the source: FusedAdadelta against
-# torch.optim.Adadelta on a few params for a few steps (float32 default tolerance, as test_parity.py).
+# torch.optim.Adadelta on a few params for a few steps (float32 default tolerance, as in
+# tests/optimizer/test_parity_with_torch.py).
 INSTALLED_CHECK = """
 import json, pathlib, sys
 import torch
