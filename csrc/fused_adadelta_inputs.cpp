@@ -198,7 +198,7 @@ void check_no_internal_overlap(const at::Tensor& tensor, Role role, size_t index
 }
 
 // Returns whether params share memory with each other; raises if any other
-// two tensors that must not share memory do.
+// two tensors that must not share memory do. (Addresses: not on meta.)
 bool check_shared_memory(
     at::TensorList params,
     at::TensorList grads,
@@ -209,12 +209,6 @@ bool check_shared_memory(
   std::vector<MemoryRange> ranges;
   ranges.reserve(5 * params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    check_no_internal_overlap(params[i], Role::kParam, i);
-    check_no_internal_overlap(square_avgs[i], Role::kSquareAvg, i);
-    check_no_internal_overlap(acc_deltas[i], Role::kAccDelta, i);
-    if (grads_are_written) {
-      check_no_internal_overlap(grads[i], Role::kGrad, i);
-    }
     add_range(ranges, params[i], Role::kParam, i);
     add_range(ranges, grads[i], Role::kGrad, i);
     add_range(ranges, square_avgs[i], Role::kSquareAvg, i);
@@ -305,6 +299,15 @@ CheckedCall check_fused_adadelta_call(
     }
   }
   check_options(params, device, options);
+  // From strides alone, so on meta too.
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_no_internal_overlap(params[i], Role::kParam, i);
+    check_no_internal_overlap(square_avgs[i], Role::kSquareAvg, i);
+    check_no_internal_overlap(acc_deltas[i], Role::kAccDelta, i);
+    if (grads_are_written) {
+      check_no_internal_overlap(grads[i], Role::kGrad, i);
+    }
+  }
   if (device.is_meta()) {
     return {false};
   }
