@@ -323,26 +323,23 @@ class FusedAdadelta(Optimizer):
     def _kernel_calls(
         self, group: dict[str, Any], lists: tuple[list[Tensor], ...]
     ) -> Iterator[tuple[tuple[list[Tensor], ...], dict[str, Any]]]:
-        """The op calls for one param group's lists: (tensor lists, options), one per device."""
-        params = lists[0]
-        if any(isinstance(p, DTensor) for p in params):
+        """The op calls for one param group's lists: (tensor lists, options), one per device and dtype."""
+        if any(isinstance(p, DTensor) for p in lists[0]):
             lists = tuple([_local(t) for t in tensors] for tensors in lists)
+        params = lists[0]
 
-        # Not Optimizer._group_tensors_by_device_and_dtype: it requires every list to
-        # have its param's dtype, which float32 state (fp32_state) and grads
-        # (grad_dtype) of bfloat16 params do not; the op takes mixed dtypes.
-        devices = list(dict.fromkeys(p.device for p in params))
-        if len(devices) == 1:
-            per_device = {devices[0]: lists}
-        else:
-            per_device = {device: ([], [], [], [], []) for device in devices}
-            for index, p in enumerate(params):
-                for values, tensors in zip(per_device[p.device], lists, strict=True):
-                    values.append(tensors[index])
+        # Grouped by the params alone: torch's grouping requires every list to have its
+        # param's dtype, which float32 state (fp32_state) and grads (grad_dtype) do not.
+        groups = Optimizer._group_tensors_by_device_and_dtype([params], with_indices=True)
+        per_device = []
+        for (device, _), (_, indices) in groups.items():
+            grouped = lists if len(groups) == 1 else tuple([t[i] for i in indices] for t in lists)
+            # Under torch.compile there is one group, of device None: inductor groups its own.
+            per_device.append((device or params[0].device, grouped))
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for device, tensors in per_device.items():
+        for device, tensors in per_device:
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != device:
                 lr = lr.item()
