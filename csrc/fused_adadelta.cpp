@@ -17,23 +17,11 @@ namespace {
 
 // For the meta device (shapes only, as torch.compile traces) and the check op:
 // the checks alone.
-void check_only(
-    at::TensorList /*params*/,
-    at::TensorList /*grads*/,
-    at::TensorList /*square_avgs*/,
-    at::TensorList /*acc_deltas*/,
-    at::TensorList /*state_steps*/,
-    const FusedAdadeltaOptions& /*options*/) {}
+void check_only(const FusedAdadeltaTensors& /*tensors*/, const FusedAdadeltaOptions& /*options*/) {}
 
 // Sparse grads select the op's sparse dispatch keys: refuse them there, after
 // the checks every dense backend runs (and with their messages).
-void refuse_sparse(
-    at::TensorList /*params*/,
-    at::TensorList /*grads*/,
-    at::TensorList /*square_avgs*/,
-    at::TensorList /*acc_deltas*/,
-    at::TensorList /*state_steps*/,
-    const FusedAdadeltaOptions& /*options*/) {
+void refuse_sparse(const FusedAdadeltaTensors& /*tensors*/, const FusedAdadeltaOptions& /*options*/) {
   TORCH_CHECK(false, "fused_adadelta_: FusedAdadelta does not support sparse gradients");
 }
 
@@ -113,23 +101,20 @@ TORCH_LIBRARY_IMPL(adadelta_ext, ADInplaceOrView, m) {
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, Meta, m) {
-  m.impl("fused_adadelta_", &FusedAdadeltaOverloads<&check_only>::float_lr);
-  m.impl("fused_adadelta_.tensor_lr", &FusedAdadeltaOverloads<&check_only>::tensor_lr);
+  ADADELTA_IMPL_BOTH_OVERLOADS(m, &check_only);
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, CompositeExplicitAutograd, m) {
-  m.impl("check_fused_adadelta", &FusedAdadeltaOverloads<&check_only>::float_lr);
-  m.impl("check_fused_adadelta.tensor_lr", &FusedAdadeltaOverloads<&check_only>::tensor_lr);
+  m.impl("check_fused_adadelta", &fused_adadelta_kernel<&check_only, double>);
+  m.impl("check_fused_adadelta.tensor_lr", &fused_adadelta_kernel<&check_only, const at::Tensor&>);
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, SparseCPU, m) {
-  m.impl("fused_adadelta_", &FusedAdadeltaOverloads<&refuse_sparse>::float_lr);
-  m.impl("fused_adadelta_.tensor_lr", &FusedAdadeltaOverloads<&refuse_sparse>::tensor_lr);
+  ADADELTA_IMPL_BOTH_OVERLOADS(m, &refuse_sparse);
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, SparseCUDA, m) {
-  m.impl("fused_adadelta_", &FusedAdadeltaOverloads<&refuse_sparse>::float_lr);
-  m.impl("fused_adadelta_.tensor_lr", &FusedAdadeltaOverloads<&refuse_sparse>::tensor_lr);
+  ADADELTA_IMPL_BOTH_OVERLOADS(m, &refuse_sparse);
 }
 
 } // namespace adadelta_ext

@@ -199,13 +199,8 @@ void check_no_internal_overlap(const at::Tensor& tensor, Role role, size_t index
 
 // Returns whether params share memory with each other; raises if any other
 // two tensors that must not share memory do. (Addresses: not on meta.)
-bool check_shared_memory(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList square_avgs,
-    at::TensorList acc_deltas,
-    at::TensorList state_steps,
-    bool grads_are_written) {
+bool check_shared_memory(const FusedAdadeltaTensors& tensors, bool grads_are_written) {
+  const auto& [params, grads, square_avgs, acc_deltas, state_steps] = tensors;
   std::vector<MemoryRange> ranges;
   ranges.reserve(5 * params.size());
   for (size_t i = 0; i < params.size(); ++i) {
@@ -253,12 +248,9 @@ bool shares_dense_layout(const at::Tensor& param, const at::Tensor& other) {
 } // namespace
 
 CheckedCall check_fused_adadelta_call(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList square_avgs,
-    at::TensorList acc_deltas,
-    at::TensorList state_steps,
+    const FusedAdadeltaTensors& tensors,
     const FusedAdadeltaOptions& options) {
+  const auto& [params, grads, square_avgs, acc_deltas, state_steps] = tensors;
   TORCH_CHECK(
       grads.size() == params.size() && square_avgs.size() == params.size() &&
           acc_deltas.size() == params.size() && state_steps.size() == params.size(),
@@ -311,25 +303,18 @@ CheckedCall check_fused_adadelta_call(
   if (device.is_meta()) {
     return {false};
   }
-  return {check_shared_memory(
-      params, grads, square_avgs, acc_deltas, state_steps, grads_are_written)};
+  return {check_shared_memory(tensors, grads_are_written)};
 }
 
-RealTensorLists::RealTensorLists(
-    at::TensorList params_in,
-    at::TensorList grads_in,
-    at::TensorList square_avgs_in,
-    at::TensorList acc_deltas_in)
-    : params(params_in),
-      grads(grads_in),
-      square_avgs(square_avgs_in),
-      acc_deltas(acc_deltas_in) {
+RealTensors::RealTensors(const FusedAdadeltaTensors& tensors_in) : tensors(tensors_in) {
   const bool any_complex = std::any_of(
-      params_in.begin(), params_in.end(), [](const at::Tensor& p) { return p.is_complex(); });
+      tensors.params.begin(), tensors.params.end(),
+      [](const at::Tensor& p) { return p.is_complex(); });
   if (!any_complex) {
     return;
   }
-  at::TensorList* lists[4] = {&params, &grads, &square_avgs, &acc_deltas};
+  at::TensorList* lists[4] = {
+      &tensors.params, &tensors.grads, &tensors.square_avgs, &tensors.acc_deltas};
   for (int list = 0; list < 4; ++list) {
     for (const at::Tensor& tensor : *lists[list]) {
       views_[list].push_back(tensor.is_complex() ? at::view_as_real(tensor) : tensor);
@@ -338,20 +323,15 @@ RealTensorLists::RealTensorLists(
   }
 }
 
-FlatTensorLists::FlatTensorLists(
-    at::TensorList params_in,
-    at::TensorList grads_in,
-    at::TensorList square_avgs_in,
-    at::TensorList acc_deltas_in,
-    bool grads_are_written)
-    : params(params_in.vec()),
-      grads(grads_in.vec()),
-      square_avgs(square_avgs_in.vec()),
-      acc_deltas(acc_deltas_in.vec()),
-      original_params_(params_in),
-      original_grads_(grads_in),
-      original_square_avgs_(square_avgs_in),
-      original_acc_deltas_(acc_deltas_in),
+FlatTensorLists::FlatTensorLists(const FusedAdadeltaTensors& tensors, bool grads_are_written)
+    : params(tensors.params.vec()),
+      grads(tensors.grads.vec()),
+      square_avgs(tensors.square_avgs.vec()),
+      acc_deltas(tensors.acc_deltas.vec()),
+      original_params_(tensors.params),
+      original_grads_(tensors.grads),
+      original_square_avgs_(tensors.square_avgs),
+      original_acc_deltas_(tensors.acc_deltas),
       grads_are_written_(grads_are_written) {
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];

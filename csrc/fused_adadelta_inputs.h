@@ -21,6 +21,15 @@ struct FusedAdadeltaOptions {
   std::optional<at::Tensor> found_inf;  // set by torch.amp.GradScaler
 };
 
+// The op's tensor arguments: one entry per param in each list.
+struct FusedAdadeltaTensors {
+  at::TensorList params;
+  at::TensorList grads;
+  at::TensorList square_avgs;
+  at::TensorList acc_deltas;
+  at::TensorList state_steps;
+};
+
 // What check_fused_adadelta_call learned that the call must act on.
 struct CheckedCall {
   // Some params share memory (views of one tensor): update them one at a time.
@@ -43,30 +52,19 @@ struct CheckedCall {
 //   ValueError), and representable in the params' compute type.
 // The address checks are skipped on the meta device, which has no memory.
 CheckedCall check_fused_adadelta_call(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList square_avgs,
-    at::TensorList acc_deltas,
-    at::TensorList state_steps,
+    const FusedAdadeltaTensors& tensors,
     const FusedAdadeltaOptions& options);
 
-// The lists with each complex tensor viewed as a real one with a trailing
+// The tensors with each complex one viewed as a real one with a trailing
 // dimension of 2 (torch.view_as_real), as torch.optim updates complex params.
 // Without complex tensors, the caller's lists themselves.
-class RealTensorLists {
+class RealTensors {
  public:
-  RealTensorLists(
-      at::TensorList params,
-      at::TensorList grads,
-      at::TensorList square_avgs,
-      at::TensorList acc_deltas);
-  RealTensorLists(const RealTensorLists&) = delete;
-  RealTensorLists& operator=(const RealTensorLists&) = delete;
+  explicit RealTensors(const FusedAdadeltaTensors& tensors);
+  RealTensors(const RealTensors&) = delete;
+  RealTensors& operator=(const RealTensors&) = delete;
 
-  at::TensorList params;
-  at::TensorList grads;
-  at::TensorList square_avgs;
-  at::TensorList acc_deltas;
+  FusedAdadeltaTensors tensors;
 
  private:
   std::vector<at::Tensor> views_[4];
@@ -79,12 +77,7 @@ class RealTensorLists {
 // write_back() copies into the caller's tensors.
 class FlatTensorLists {
  public:
-  FlatTensorLists(
-      at::TensorList params,
-      at::TensorList grads,
-      at::TensorList square_avgs,
-      at::TensorList acc_deltas,
-      bool grads_are_written);
+  FlatTensorLists(const FusedAdadeltaTensors& tensors, bool grads_are_written);
 
   void write_back() const;
 

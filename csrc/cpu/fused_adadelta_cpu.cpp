@@ -85,13 +85,7 @@ void increment_steps(at::TensorList state_steps) {
   }
 }
 
-void fused_adadelta_cpu_impl(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList square_avgs,
-    at::TensorList acc_deltas,
-    at::TensorList state_steps,
-    const FusedAdadeltaOptions& options) {
+void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
   if (options.found_inf.has_value() && options.found_inf->item<double>() != 0) {
     return;  // GradScaler found an inf or NaN: the step is skipped whole.
   }
@@ -109,7 +103,7 @@ void fused_adadelta_cpu_impl(
       unscale_grad,
       unscale_grad ? options.grad_scale->item<double>() : 1.0};
 
-  const FlatTensorLists flat(params, grads, square_avgs, acc_deltas, unscale_grad);
+  const FlatTensorLists flat(tensors, unscale_grad);
   const size_t count = flat.params.size();
   std::vector<FlatTensorPointers> pointers(count);
   std::vector<UpdateRangeFn> kernels(count);
@@ -143,14 +137,13 @@ void fused_adadelta_cpu_impl(
     }
   });
   flat.write_back();
-  increment_steps(state_steps);
+  increment_steps(tensors.state_steps);
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(adadelta_ext, CPU, m) {
-  m.impl("fused_adadelta_", &FusedAdadeltaOverloads<&fused_adadelta_cpu_impl>::float_lr);
-  m.impl("fused_adadelta_.tensor_lr", &FusedAdadeltaOverloads<&fused_adadelta_cpu_impl>::tensor_lr);
+  ADADELTA_IMPL_BOTH_OVERLOADS(m, &fused_adadelta_cpu_impl);
 }
 
 } // namespace adadelta_ext::cpu

@@ -136,17 +136,11 @@ void launch_group(
       " with grads of dtype ", group.grad_dtype, " and state of dtype ", group.state_dtype);
 }
 
-void fused_adadelta_cuda_impl(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList square_avgs,
-    at::TensorList acc_deltas,
-    at::TensorList state_steps,
-    const FusedAdadeltaOptions& options) {
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
+void fused_adadelta_cuda_impl(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
+  const c10::cuda::CUDAGuard device_guard(tensors.params[0].device());
 
   const bool unscale_grad = options.grad_scale.has_value();
-  const FlatTensorLists flat(params, grads, square_avgs, acc_deltas, unscale_grad);
+  const FlatTensorLists flat(tensors, unscale_grad);
   std::vector<DtypeGroup> groups;
   for (size_t i = 0; i < flat.params.size(); ++i) {
     const at::ScalarType param_dtype = flat.params[i].scalar_type();
@@ -164,8 +158,8 @@ void fused_adadelta_cuda_impl(
         flat.grads[i].mutable_data_ptr(),
         flat.square_avgs[i].mutable_data_ptr(),
         flat.acc_deltas[i].mutable_data_ptr(),
-        state_steps[i].mutable_data_ptr(),
-        state_steps[i].scalar_type() == at::kDouble,
+        tensors.state_steps[i].mutable_data_ptr(),
+        tensors.state_steps[i].scalar_type() == at::kDouble,
         flat.params[i].numel()});
   }
 
@@ -185,8 +179,7 @@ void fused_adadelta_cuda_impl(
 } // namespace
 
 TORCH_LIBRARY_IMPL(adadelta_ext, CUDA, m) {
-  m.impl("fused_adadelta_", &FusedAdadeltaOverloads<&fused_adadelta_cuda_impl>::float_lr);
-  m.impl("fused_adadelta_.tensor_lr", &FusedAdadeltaOverloads<&fused_adadelta_cuda_impl>::tensor_lr);
+  ADADELTA_IMPL_BOTH_OVERLOADS(m, &fused_adadelta_cuda_impl);
 }
 
 } // namespace adadelta_ext::cuda
