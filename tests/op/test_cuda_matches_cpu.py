@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_testing import requires_cuda
+from optim_testing import OP_OPTIONS, assert_unchanged, op_lists, snapshot
 
 from adadelta_ext import fused_adadelta_
+
+# Every test here runs the CUDA kernel.
+pytestmark = pytest.mark.cuda
 
 DTYPE_PAIRS = [
     (torch.float32, torch.float32),
@@ -23,43 +26,28 @@ DTYPE_PAIRS = [
 PAIR_IDS = [f"{str(p).removeprefix('torch.')}-{str(s).removeprefix('torch.')}" for p, s in DTYPE_PAIRS]
 # Around the 2 to 8 element vectors and the 65536-element chunks.
 SIZES = [0, 1, 7, 9, 4099, 65535, 65536, 65537, 3 * 65536 + 5]
-OPTIONS = {"lr": 0.5, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.01, "maximize": False}
 
 
-def make_lists(pairs, sizes, offset, seed=0):
-    """CUDA lists and their CPU twins; offset 1 misaligns every CUDA data pointer."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def random_tensor(size, dtype, low, high):
-        values = torch.empty(size + offset, dtype=torch.float64).uniform_(low, high, generator=generator)
-        return values.to("cuda", dtype)[offset:]
-
-    lists = ([], [], [], [], [])
-    for index, ((param_dtype, state_dtype), size) in enumerate(zip(pairs, sizes, strict=True)):
-        # acc_delta near square_avg makes every update of order lr: a missed or
-        # repeated update cannot hide inside the tolerance.
-        step_dtype = torch.float64 if index % 2 else torch.float32
-        for values, made in zip(
-            lists,
-            (
-                random_tensor(size, param_dtype, -1, 1),
-                random_tensor(size, param_dtype, -1, 1),
-                random_tensor(size, state_dtype, 0.1, 1),
-                random_tensor(size, state_dtype, 0.1, 1),
-                torch.full((), 3.0, dtype=step_dtype, device="cuda"),
-            ),
-            strict=True,
-        ):
-            values.append(made)
-    twins = tuple([t.cpu() for t in values] for values in lists)
-    return lists, twins
+def cuda_and_cpu_lists(pairs, sizes, *, misaligned=False, seed=0):
+    """op_lists on CUDA and the same values on the CPU, one entry per (param, state) dtype pair and
+    size, at step 3 (float32 and float64 steps alternating); `misaligned`: every data pointer odd."""
+    entries = {
+        "shapes": [(size,) for size in sizes],
+        "dtype": [param_dtype for param_dtype, _ in pairs],
+        "state_dtype": [state_dtype for _, state_dtype in pairs],
+        "step_dtype": [torch.float64 if index % 2 else torch.float32 for index in range(len(sizes))],
+        "step": 3.0,
+        "misaligned": misaligned,
+        "seed": seed,
+    }
+    return op_lists(device="cuda", **entries), op_lists(device="cpu", **entries)
 
 
 def assert_lists_match(cuda_lists, cpu_lists):
-    for cuda_values, cpu_values in zip(cuda_lists, cpu_lists, strict=True):
-        for index, (cuda_tensor, cpu_tensor) in enumerate(zip(cuda_values, cpu_values, strict=True)):
+    for name, cuda_values in cuda_lists.items():
+        for index, (cuda_tensor, cpu_tensor) in enumerate(zip(cuda_values, cpu_lists[name], strict=True)):
             torch.testing.assert_close(
-                cuda_tensor.cpu(), cpu_tensor, msg=lambda m, i=index: f"tensor {i}: {m}"
+                cuda_tensor.cpu(), cpu_tensor, msg=lambda m, n=name, i=index: f"{n}[{i}]: {m}"
             )
 
 
@@ -67,32 +55,29 @@ def run_both(cuda_lists, cpu_lists, **options):
     for device, lists in (("cuda", cuda_lists), ("cpu", cpu_lists)):
         scalars = {
             name: value.to(device) if isinstance(value, torch.Tensor) else value
-            for name, value in {**OPTIONS, **options}.items()
+            for name, value in {**OP_OPTIONS, **options}.items()
         }
-        fused_adadelta_(*lists, **scalars)
+        fused_adadelta_(*lists.values(), **scalars)
     torch.cuda.synchronize()
 
 
-@requires_cuda
-@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=PAIR_IDS)
-def test_cuda_kernel_matches_cpu_op(pair, offset):
-    cuda_lists, cpu_lists = make_lists([pair] * len(SIZES), SIZES, offset)
-    grads_before = [grad.clone() for grad in cuda_lists[1]]
+def test_cuda_kernel_matches_cpu_op(pair, misaligned):
+    cuda_lists, cpu_lists = cuda_and_cpu_lists([pair] * len(SIZES), SIZES, misaligned=misaligned)
+    grads_before = snapshot(cuda_lists["grads"])
     run_both(cuda_lists, cpu_lists)
     assert_lists_match(cuda_lists, cpu_lists)
-    for grad, before in zip(cuda_lists[1], grads_before, strict=True):
-        assert torch.equal(grad, before), "grads are written only when unscaled"
-    for step in cuda_lists[4]:
+    assert_unchanged(cuda_lists["grads"], grads_before)  # grads are written only when unscaled
+    for step in cuda_lists["state_steps"]:
         assert step.item() == 4.0
 
 
-@requires_cuda
 @pytest.mark.parametrize("scalar_dtype", [torch.float32, torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=PAIR_IDS)
 def test_cuda_kernel_unscales_grads_with_tensor_lr(pair, scalar_dtype):
     # The kernel reads float32 and float64 scalars; others are converted first.
-    cuda_lists, cpu_lists = make_lists([pair] * len(SIZES), SIZES, offset=0, seed=1)
+    cuda_lists, cpu_lists = cuda_and_cpu_lists([pair] * len(SIZES), SIZES, seed=1)
     run_both(
         cuda_lists,
         cpu_lists,
@@ -104,55 +89,48 @@ def test_cuda_kernel_unscales_grads_with_tensor_lr(pair, scalar_dtype):
     assert_lists_match(cuda_lists, cpu_lists)
 
 
-@requires_cuda
 def test_cuda_kernel_splits_launches_over_mixed_dtypes():
     # 420 tensors, 70 of each dtype pair, interleaved: over the 64 one launch holds.
     pairs = [DTYPE_PAIRS[index % len(DTYPE_PAIRS)] for index in range(420)]
     sizes = [(index * 7919) % 20000 for index in range(420)]
-    cuda_lists, cpu_lists = make_lists(pairs, sizes, offset=0, seed=2)
+    cuda_lists, cpu_lists = cuda_and_cpu_lists(pairs, sizes, seed=2)
     run_both(cuda_lists, cpu_lists, grad_scale=torch.tensor(64.0))
     assert_lists_match(cuda_lists, cpu_lists)
-    assert all(step.item() == 4.0 for step in cuda_lists[4])
+    assert all(step.item() == 4.0 for step in cuda_lists["state_steps"])
 
 
-@requires_cuda
 @pytest.mark.parametrize("found_inf_value", [1.0, float("nan")], ids=["one", "nan"])
 def test_cuda_kernel_found_inf_changes_nothing(found_inf_value):
-    cuda_lists, _ = make_lists(DTYPE_PAIRS, [65537] * len(DTYPE_PAIRS), offset=0, seed=3)
-    before = [[tensor.clone() for tensor in values] for values in cuda_lists]
+    cuda_lists, _ = cuda_and_cpu_lists(DTYPE_PAIRS, [65537] * len(DTYPE_PAIRS), seed=3)
+    before = snapshot(cuda_lists)
     fused_adadelta_(
-        *cuda_lists,
-        **{**OPTIONS, "grad_scale": torch.tensor(8.0, device="cuda")},
+        *cuda_lists.values(),
+        **{**OP_OPTIONS, "grad_scale": torch.tensor(8.0, device="cuda")},
         found_inf=torch.tensor(found_inf_value, device="cuda"),
     )
     torch.cuda.synchronize()
-    for values, originals in zip(cuda_lists, before, strict=True):
-        for tensor, original in zip(values, originals, strict=True):
-            assert tensor.reshape(-1).view(torch.uint8).equal(original.reshape(-1).view(torch.uint8))
+    assert_unchanged(cuda_lists, before)
 
 
-@requires_cuda
 def test_cuda_kernel_is_captured_by_a_cuda_graph():
-    cuda_lists, _ = make_lists(DTYPE_PAIRS, [4099] * len(DTYPE_PAIRS), offset=0, seed=4)
-    eager_lists = tuple([tensor.clone() for tensor in values] for values in cuda_lists)
+    cuda_lists, _ = cuda_and_cpu_lists(DTYPE_PAIRS, [4099] * len(DTYPE_PAIRS), seed=4)
+    eager_lists = snapshot(cuda_lists)
     lr = torch.tensor(0.3, device="cuda")
     grad_scale = torch.tensor(4.0, device="cuda")
     found_inf = torch.tensor(0.0, device="cuda")
-    scalars = {**OPTIONS, "lr": lr, "grad_scale": grad_scale, "found_inf": found_inf}
+    scalars = {**OP_OPTIONS, "lr": lr, "grad_scale": grad_scale, "found_inf": found_inf}
 
     # Loads the six kernels before capture, which must not load modules.
-    fused_adadelta_(*make_lists(DTYPE_PAIRS, [1] * len(DTYPE_PAIRS), offset=0)[0], **OPTIONS)
+    fused_adadelta_(*cuda_and_cpu_lists(DTYPE_PAIRS, [1] * len(DTYPE_PAIRS))[0].values(), **OP_OPTIONS)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fused_adadelta_(*cuda_lists, **scalars)
+        fused_adadelta_(*cuda_lists.values(), **scalars)
     # Capture runs nothing: two replays are two steps, reading lr on the device.
     graph.replay()
     lr.fill_(0.1)
     graph.replay()
     for step_lr in (0.3, 0.1):
-        fused_adadelta_(*eager_lists, **{**scalars, "lr": torch.tensor(step_lr, device="cuda")})
+        fused_adadelta_(*eager_lists.values(), **{**scalars, "lr": torch.tensor(step_lr, device="cuda")})
     torch.cuda.synchronize()
-    for values, eager_values in zip(cuda_lists, eager_lists, strict=True):
-        for tensor, eager in zip(values, eager_values, strict=True):
-            assert torch.equal(tensor, eager)
+    torch.testing.assert_close(cuda_lists, eager_lists, rtol=0, atol=0)

@@ -7,15 +7,24 @@ optimizer would share its state with the saved one and a round trip could not fa
 Tolerances: a FusedAdadelta run compared with another FusedAdadelta run is exact
 (rtol=0, atol=0): the same kernel on the same values gives the same bits. Compared
 with torch.optim.Adadelta, float32/float64 use assert_close's defaults (float32:
-rtol 1.3e-6, atol 1e-5; float64: rtol 1e-7, atol 1e-7), as in test_parity.py.
-(The basic checkpoint interop with torch.optim.Adadelta is in test_optimizer_api.py.)
+rtol 1.3e-6, atol 1e-5; float64: rtol 1e-7, atol 1e-7), as in test_parity_with_torch.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from optim_testing import DEVICES, FLOAT_DTYPES, requires_cuda, save_and_load, small_model, train_steps
+from optim_testing import (
+    DEVICES,
+    FLOAT_DTYPES,
+    assert_unchanged,
+    optimizer_snapshot,
+    optimizer_state,
+    save_and_load,
+    small_model,
+    train_steps,
+    twin_models,
+)
 
 from adadelta_ext import FusedAdadelta
 
@@ -38,10 +47,6 @@ def scrambled(model: torch.nn.Module) -> torch.nn.Module:
         for p in model.parameters():
             p.fill_(0.25)
     return model
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    return optimizer.state_dict()["state"]
 
 
 @pytest.mark.parametrize("kwargs", list(OPTIONS.values()), ids=list(OPTIONS))
@@ -72,6 +77,35 @@ def test_round_trip_continues_exactly_as_uninterrupted_training(device, dtype, k
 
     torch.testing.assert_close(resumed_model.state_dict(), uninterrupted_model.state_dict(), rtol=0, atol=0)
     torch.testing.assert_close(resumed.state_dict(), uninterrupted.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("direction", ["fused_to_torch", "torch_to_fused"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_moves_between_optimizers(device, direction):
+    """5 steps with one optimizer, save, load into the other, 5 more steps: as if one optimizer did all 10."""
+    kwargs = {"lr": 0.5, "rho": 0.95, "weight_decay": 0.01}
+    first_class, second_class = (
+        (FusedAdadelta, torch.optim.Adadelta)
+        if direction == "fused_to_torch"
+        else (torch.optim.Adadelta, FusedAdadelta)
+    )
+    switched_model, straight_model = twin_models(small_model(device))
+    first = first_class(switched_model.parameters(), **kwargs)
+    train_steps(switched_model, first, 5)
+    checkpoint = save_and_load(first.state_dict())
+    second = second_class(switched_model.parameters(), **kwargs)
+    second.load_state_dict(checkpoint)
+    train_steps(switched_model, second, 5)
+
+    straight = torch.optim.Adadelta(straight_model.parameters(), **kwargs)
+    train_steps(straight_model, straight, 10)
+
+    torch.testing.assert_close(switched_model.state_dict(), straight_model.state_dict())
+    for ours, theirs in zip(
+        second.state_dict()["state"].values(), straight.state_dict()["state"].values(), strict=True
+    ):
+        for key in ("square_avg", "acc_delta", "step"):
+            torch.testing.assert_close(ours[key], theirs[key], check_device=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -195,29 +229,42 @@ def test_training_continues_in_the_new_dtype_like_torch(device, change):
     torch.testing.assert_close(optimizer_state(fused), optimizer_state(reference), check_device=False)
 
 
-@pytest.mark.parametrize("saved_dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("device", DEVICES)
-def test_fp32_state_keeps_a_float32_checkpoint_state_exactly(device, saved_dtype):
-    """A bfloat16 model with fp32_state=True loads float32 state as it was saved, not rounded to bfloat16.
+FP32_STATE_CHECKPOINTS = [
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+]
 
-    The float32 state comes from a float32 run, or from a bfloat16 run with fp32_state=True itself.
+
+@pytest.mark.parametrize("change", FP32_STATE_CHECKPOINTS, ids=dtype_change_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_state_keeps_a_float32_checkpoint_state_exactly(device, change):
+    """A 16-bit model with fp32_state=True loads float32 state as it was saved, not rounded to 16 bits
+    (load_state_dict casts state to the param's dtype; fp32_state keeps float32 state whole).
+
+    The float32 state comes from a float32 run, or from a 16-bit run with fp32_state=True itself.
+    Loaded into an optimizer without fp32_state, it takes the param's dtype, as in torch.optim.Adadelta.
     """
+    saved_dtype, loaded_dtype = change
     saved_model = small_model(device, saved_dtype)
     saved = FusedAdadelta(saved_model.parameters(), fp32_state=True)
     train_steps(saved_model, saved, 3)
     checkpoint = saved.state_dict()
 
-    loaded_model = small_model(device, torch.bfloat16)
+    loaded_model = small_model(device, loaded_dtype)
     loaded = FusedAdadelta(loaded_model.parameters(), fp32_state=True)
     loaded.load_state_dict(save_and_load(checkpoint))
+    plain = FusedAdadelta(loaded_model.parameters())
+    plain.load_state_dict(save_and_load(checkpoint))
 
     for index, p in enumerate(loaded_model.parameters()):
         for key in ("square_avg", "acc_delta"):
             assert loaded.state[p][key].dtype == torch.float32
             torch.testing.assert_close(loaded.state[p][key], checkpoint["state"][index][key], rtol=0, atol=0)
+            assert plain.state[p][key].dtype == loaded_dtype
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("direction", ["cpu_into_cuda", "cuda_into_cpu"])
 def test_state_loaded_onto_another_device_moves_there_and_training_continues_like_torch(direction):
     saved_device, loaded_device = direction.split("_into_")
@@ -270,11 +317,9 @@ def test_checkpoint_of_other_shapes_is_refused_at_step_and_changes_nothing(devic
     optimizer = FusedAdadelta(model.parameters())
     optimizer.load_state_dict(save_and_load(saved.state_dict()))
     model(torch.randn(2, 3, device=device)).sum().backward()
-    params_before = [p.detach().clone() for p in model.parameters()]
-    state_before = save_and_load(optimizer.state_dict())
+    before = optimizer_snapshot(optimizer)
 
     with pytest.raises(RuntimeError, match=message):
         optimizer.step()
 
-    torch.testing.assert_close(list(model.parameters()), params_before, rtol=0, atol=0)
-    torch.testing.assert_close(optimizer.state_dict(), state_before, rtol=0, atol=0)
+    assert_unchanged(optimizer_snapshot(optimizer), before)

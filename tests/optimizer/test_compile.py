@@ -1,4 +1,5 @@
-"""FusedAdadelta under torch.compile, and the op's registrations as torch.library.opcheck checks them.
+"""FusedAdadelta under torch.compile (the op's registrations, as opcheck checks them, are in
+tests/op/test_opcheck.py).
 
 Tolerances:
 - A compiled FusedAdadelta step runs the same C++/CUDA kernel as an eager one (the op is
@@ -7,14 +8,15 @@ Tolerances:
 - A compiled whole training step also compiles forward and backward, which Inductor may
   fuse and reorder, so it is compared with eager with assert_close's defaults for the
   dtype (float32: rtol 1.3e-6, atol 1e-5; float64: rtol 1e-7, atol 1e-7).
-- Against eager torch.optim.Adadelta, the same defaults (as in test_parity.py).
+- Against eager torch.optim.Adadelta, the same defaults (as in test_parity_with_torch.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from optim_testing import DEVICES, FLOAT_DTYPES, model_input, requires_cuda, small_model, twin_models
+from optim_testing import DEVICES, DTYPES_AND_STATE, model_input, optimizer_state, small_model, twin_models
+from torch import nn
 from torch._dynamo.utils import counters
 
 from adadelta_ext import FusedAdadelta
@@ -26,18 +28,6 @@ OPTIONS = {
     "lr_rho_weight_decay_maximize": {"lr": 0.5, "rho": 0.8, "weight_decay": 0.1, "maximize": True},
     "tensor_lr": {"lr": torch.tensor(0.5)},
 }
-
-
-# fp32_state (float32 square_avg/acc_delta) exists for float16/bfloat16 params only.
-DTYPES_AND_STATE = [
-    pytest.param(
-        dtype,
-        fp32_state,
-        id=f"{str(dtype).removeprefix('torch.')}-{'fp32_state' if fp32_state else 'param_dtype_state'}",
-    )
-    for dtype in FLOAT_DTYPES
-    for fp32_state in ((False, True) if dtype in (torch.float16, torch.bfloat16) else (False,))
-]
 
 
 @pytest.fixture(autouse=True)
@@ -68,10 +58,6 @@ def train(model, optimizer, step_function, steps=STEPS):
         step_function(model, optimizer, inputs)
 
 
-def state_tensors(optimizer: torch.optim.Optimizer) -> dict:
-    return optimizer.state_dict()["state"]
-
-
 WHOLE_STEP_CASES = [
     pytest.param(torch.float32, "defaults", id="float32-defaults"),
     pytest.param(torch.float32, "lr_rho_weight_decay_maximize", id="float32-lr_rho_weight_decay_maximize"),
@@ -97,9 +83,9 @@ def test_compiled_training_step_matches_eager_fused_and_eager_torch(device, dtyp
 
     assert counters["stats"]["calls_captured"] > 0, "torch.compile must have traced something"
     torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict())
-    torch.testing.assert_close(state_tensors(compiled), state_tensors(eager))
+    torch.testing.assert_close(optimizer_state(compiled), optimizer_state(eager))
     torch.testing.assert_close(compiled_model.state_dict(), torch_model.state_dict())
-    torch.testing.assert_close(state_tensors(compiled), state_tensors(reference), check_device=False)
+    torch.testing.assert_close(optimizer_state(compiled), optimizer_state(reference), check_device=False)
 
 
 @pytest.mark.parametrize("lr_kind", ["float_lr", "tensor_lr"])
@@ -137,10 +123,10 @@ def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp
 
     assert counters["stats"]["calls_captured"] > 0, "torch.compile must have traced the step"
     torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict(), rtol=0, atol=0)
-    torch.testing.assert_close(state_tensors(optimizers[0]), state_tensors(optimizers[1]), rtol=0, atol=0)
+    torch.testing.assert_close(optimizer_state(optimizers[0]), optimizer_state(optimizers[1]), rtol=0, atol=0)
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_reduce_overhead_training_step_replays_cuda_graphs_and_matches_eager():
     """mode="reduce-overhead" (CUDA graph trees) with capturable=True and a CUDA tensor lr, decayed in
     place between steps: no graph of the step is left out of CUDA graphs, and the result is eager
@@ -166,56 +152,41 @@ def test_reduce_overhead_training_step_replays_cuda_graphs_and_matches_eager():
 
     assert counters["inductor"]["cudagraph_skips"] == 0, "a graph ran outside CUDA graphs"
     torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict())
-    torch.testing.assert_close(state_tensors(compiled), state_tensors(eager))
+    torch.testing.assert_close(optimizer_state(compiled), optimizer_state(eager))
     torch.testing.assert_close(compiled_model.state_dict(), torch_model.state_dict())
-    torch.testing.assert_close(state_tensors(compiled), state_tensors(reference))
+    torch.testing.assert_close(optimizer_state(compiled), optimizer_state(reference))
 
 
-# --------------------------------------------------------------------------------------------
-# torch.library.opcheck: the schema matches what the kernel mutates, there is no autograd
-# formula to miss (the op is a no-grad update), the fake kernel agrees with the real one, and
-# AOTAutograd with dynamic shapes traces it. The op mutates its list arguments and returns nothing.
-# --------------------------------------------------------------------------------------------
-
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-OP_OPTIONS = {
-    "plain": {},
-    "weight_decay_maximize": {"weight_decay": 0.1, "maximize": True},
-    "grad_scale": {"grad_scale": 4.0, "found_inf": 0.0},
-    "found_inf_set": {"grad_scale": 4.0, "found_inf": 1.0},
-}
-
-
-def op_arguments(device, dtype, overload, option, fp32_state):
+@pytest.mark.parametrize("whole_training_step", [False, True], ids=["step_only", "training_step"])
+def test_torch_compile_with_complex_params_matches_eager(whole_training_step):
+    """Issue 9, defect 3: torch.compile failed on complex params."""
     generator = torch.Generator().manual_seed(0)
-    shapes = [(5, 3), (0,), (), (17,)]
-    state_dtype = torch.float32 if fp32_state else dtype
+    start = torch.randn(5, dtype=torch.complex64, generator=generator)
+    target = torch.randn(5, dtype=torch.complex64, generator=generator)
+    runs = {}
+    for compiled in (False, True):
+        param = nn.Parameter(start.clone())
+        optimizer = FusedAdadelta([param], lr=0.5)
 
-    def tensors(make, dtype):
-        return [make(shape, generator=generator).to(device, dtype) for shape in shapes]
+        def training_step(param=param, optimizer=optimizer):
+            optimizer.zero_grad()
+            (param - target).abs().square().sum().backward()
+            optimizer.step()
 
-    args = (
-        tensors(torch.randn, dtype),
-        tensors(torch.randn, dtype),
-        tensors(torch.rand, state_dtype),
-        tensors(torch.rand, state_dtype),
-        [torch.tensor(3.0, device=device) for _ in shapes],
-    )
-    kwargs = {"lr": 0.5, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False}
-    for key, value in OP_OPTIONS[option].items():
-        kwargs[key] = torch.tensor(value, device=device) if key in ("grad_scale", "found_inf") else value
-    if overload == "tensor_lr":
-        kwargs["lr"] = torch.tensor(kwargs["lr"], device=device)
-    return args, kwargs
+        def step_only(param=param, optimizer=optimizer):
+            param.grad = param.detach() - target
+            optimizer.step()
 
-
-@pytest.mark.parametrize("option", list(OP_OPTIONS))
-@pytest.mark.parametrize("overload", ["default", "tensor_lr"])
-@pytest.mark.parametrize(("dtype", "fp32_state"), DTYPES_AND_STATE)
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_passes(device, dtype, fp32_state, overload, option):
-    op = getattr(torch.ops.adadelta_ext.fused_adadelta_, overload)
-    args, kwargs = op_arguments(device, dtype, overload, option, fp32_state)
-    results = torch.library.opcheck(op, args, kwargs, test_utils=OPCHECK_TESTS, raise_exception=False)
-    assert results == dict.fromkeys(OPCHECK_TESTS, "SUCCESS")
+        step = training_step if whole_training_step else step_only
+        if compiled:
+            if whole_training_step:
+                step = torch.compile(step)
+            else:
+                step = torch.compile(optimizer.step)
+                param.grad = param.detach() - target
+        for _ in range(3):
+            step()
+            if compiled and not whole_training_step:
+                param.grad = param.detach() - target
+        runs[compiled] = param.detach()
+    torch.testing.assert_close(runs[True], runs[False])

@@ -1,8 +1,9 @@
 """FusedAdadelta in torch.distributed training: DDP, and FSDP2 (fully_shard, DTensor params).
 
 Two processes on this CPU with the gloo backend, started with torch.multiprocessing
-(spawn) on a free localhost port; a run that does not finish within RUN_TIMEOUT_S
-is killed and the test fails, so a hang cannot stall CI.
+(spawn), meeting through a file store in the run's own temporary folder (no port to
+find, so nothing another process can take first); a run that does not finish within
+RUN_TIMEOUT_S is killed and the test fails, so a hang cannot stall CI.
 
 What must be equal, and how exactly:
 - Data parallel training averages the ranks' gradients. Given those averaged
@@ -19,7 +20,6 @@ What must be equal, and how exactly:
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -50,32 +50,12 @@ pytestmark = pytest.mark.skipif(
 # --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def run_on_ranks(worker, tmp_path, attempts: int = 2) -> list[dict]:
-    """Runs worker(rank, port, out_dir) on WORLD_SIZE processes; returns what each rank saved.
-
-    A port from free_port() can be taken by another socket before gloo's store
-    binds it; a run whose workers died is therefore tried once more on a new
-    port. A fault in the code under test fails every attempt.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return run_once_on_ranks(worker, tmp_path, free_port())
-        except (mp.ProcessRaisedException, mp.ProcessExitedException):
-            if attempt == attempts:
-                raise
-    raise AssertionError("unreachable")
-
-
-def run_once_on_ranks(worker, tmp_path, port: int) -> list[dict]:
+def run_on_ranks(worker, tmp_path) -> list[dict]:
+    """Runs worker(rank) on WORLD_SIZE processes; returns what each rank saved in tmp_path
+    (a fresh folder per run, which also holds the run's file store)."""
     context = mp.start_processes(
         _worker_entry,
-        args=(worker, port, str(tmp_path)),
+        args=(worker, str(tmp_path)),
         nprocs=WORLD_SIZE,
         join=False,
         start_method="spawn",
@@ -92,11 +72,11 @@ def run_once_on_ranks(worker, tmp_path, port: int) -> list[dict]:
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
-def _worker_entry(rank: int, worker, port: int, out_dir: str) -> None:
+def _worker_entry(rank: int, worker, out_dir: str) -> None:
     torch.set_num_threads(1)  # two processes on two cores
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{os.path.join(out_dir, 'store')}",
         rank=rank,
         world_size=WORLD_SIZE,
         timeout=COLLECTIVE_TIMEOUT,

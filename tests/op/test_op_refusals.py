@@ -1,0 +1,220 @@
+"""adadelta_ext.fused_adadelta_ called directly with what it does not support: a RuntimeError,
+never a crash or a silent no-op, and not one byte of any input changed.
+
+Most cases spoil the second of two entries, so that the first, which the kernel would otherwise
+update, shows that every entry is checked before anything is written. Cases from the regressions
+of issue 9 say which of its defects they cover.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from optim_testing import DEVICES, OP_OPTIONS, assert_unchanged, op_lists, snapshot
+
+import adadelta_ext
+
+TWO_ENTRIES = [(3, 2), (3, 2)]
+
+
+def one_grad_fewer(lists, options):
+    lists["grads"].pop()
+
+
+def integer_params(lists, options):
+    lists["params"] = [p.long() for p in lists["params"]]
+    lists["grads"] = [g.long() for g in lists["grads"]]
+
+
+def grad_of_other_dtype(lists, options):
+    lists["grads"][1] = lists["grads"][1].double()
+
+
+def grad_of_a_dtype_without_kernel(lists, options):
+    # Issue 9, defect 7: float32 grads of another param dtype are accepted, not these.
+    lists["grads"][1] = lists["grads"][1].half()
+
+
+def state_of_other_dtype(lists, options):
+    lists["square_avgs"][1] = lists["square_avgs"][1].double()
+
+
+def float64_params_with_state_of(state_dtype):
+    # Issue 9, defect 1: float64 params with float32 state (after `model.double()`) corrupted the heap.
+    def spoil(lists, options):
+        lists["params"][1], lists["grads"][1] = lists["params"][1].double(), lists["grads"][1].double()
+        lists["square_avgs"][1] = lists["square_avgs"][1].to(state_dtype)
+        lists["acc_deltas"][1] = lists["acc_deltas"][1].to(state_dtype)
+
+    return spoil
+
+
+def state_of_other_shape(lists, options):
+    lists["acc_deltas"][1] = lists["acc_deltas"][1].t()
+
+
+def state_sharing_memory_with_its_param(lists, options):
+    # Issue 9, defect 4: square_avg is the param itself.
+    lists["square_avgs"][1] = lists["params"][1]
+
+
+def expanded_grad_with_grad_scale(lists, options):
+    # Issue 9, defect 10: unscaling writes the grad, and an expanded one was refused only after writing.
+    lists["grads"][1] = torch.ones(1, device=lists["grads"][1].device).expand(3, 2)
+    options["grad_scale"] = torch.tensor(2.0, device=lists["grads"][1].device)
+
+
+def integer_step(lists, options):
+    lists["state_steps"][1] = lists["state_steps"][1].long()
+
+
+def step_of_two_elements(lists, options):
+    lists["state_steps"][1] = lists["state_steps"][1].repeat(2)
+
+
+def tensor_lr_of_two_elements(lists, options):
+    options["lr"] = torch.tensor([0.1, 0.2], device=lists["params"][0].device)
+
+
+def integer_grad_scale(lists, options):
+    options["grad_scale"] = torch.tensor(2, device=lists["params"][0].device)
+
+
+OP_MISUSES = {
+    "one_grad_fewer": (one_grad_fewer, "must have the same length, got 2, 1, 2, 2 and 2"),
+    "integer_params": (integer_params, r"params\[0\] has dtype Long"),
+    "grad_of_other_dtype": (
+        grad_of_other_dtype,
+        r"grads\[1\] has dtype Double but params\[1\] has dtype Float",
+    ),
+    "grad_of_a_dtype_without_kernel": (
+        grad_of_a_dtype_without_kernel,
+        r"grads\[1\] has dtype Half but params\[1\] has dtype Float",
+    ),
+    "state_of_other_dtype": (
+        state_of_other_dtype,
+        r"square_avgs\[1\] and acc_deltas\[1\] must both have the dtype",
+    ),
+    "float64_params_with_float32_state": (
+        float64_params_with_state_of(torch.float32),
+        r"square_avgs\[1\] and acc_deltas\[1\] must both have the dtype",
+    ),
+    "float64_params_with_float16_state": (
+        float64_params_with_state_of(torch.float16),
+        r"square_avgs\[1\] and acc_deltas\[1\] must both have the dtype",
+    ),
+    "state_of_other_shape": (
+        state_of_other_shape,
+        r"acc_deltas\[1\] has shape \[2, 3\] but params\[1\] has shape \[3, 2\]",
+    ),
+    "state_sharing_memory_with_its_param": (
+        state_sharing_memory_with_its_param,
+        r"params\[1\] and square_avgs\[1\] share memory",
+    ),
+    "expanded_grad_with_grad_scale": (
+        expanded_grad_with_grad_scale,
+        r"grads\[1\] is written but has elements that share memory",
+    ),
+    "integer_step": (integer_step, r"state_steps\[1\] must be a one-element float32 or float64 tensor"),
+    "step_of_two_elements": (
+        step_of_two_elements,
+        r"state_steps\[1\] must be a one-element float32 or float64 tensor",
+    ),
+    "tensor_lr_of_two_elements": (tensor_lr_of_two_elements, "lr must have one element, got 2"),
+    "integer_grad_scale": (integer_grad_scale, "grad_scale must be a floating-point tensor"),
+}
+
+
+@pytest.mark.parametrize("misuse", list(OP_MISUSES), ids=list(OP_MISUSES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_called_with_mismatched_lists_raises_runtime_error_and_changes_nothing(device, misuse):
+    spoil, message = OP_MISUSES[misuse]
+    lists, options = op_lists(TWO_ENTRIES, device=device), dict(OP_OPTIONS)
+    spoil(lists, options)
+    before = snapshot(lists)
+
+    with pytest.raises(RuntimeError, match=message):
+        adadelta_ext.fused_adadelta_(*lists.values(), **options)
+
+    assert_unchanged(lists, before)
+
+
+def test_an_expanded_grad_is_read_without_grad_scale():
+    """Issue 9, defect 10, the other side: without grad_scale the grad is only read, so an expanded
+    one is accepted and gives exactly what the same values, materialized, give."""
+    lists = op_lists()
+    lists["grads"][0] = torch.tensor([0.5]).expand(16)
+    materialized = snapshot(lists)
+    adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
+    adadelta_ext.fused_adadelta_(*materialized.values(), **OP_OPTIONS)
+    torch.testing.assert_close(lists, materialized, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["grad", "step", "lr"])
+def test_a_meta_tensor_among_cpu_inputs_is_refused(where):
+    """Issue 9, defect 8: a meta tensor among the inputs made the call a silent no-op."""
+    lists, options = op_lists(), dict(OP_OPTIONS)
+    if where == "grad":
+        lists["grads"][0] = lists["grads"][0].to("meta")
+        message = r"grads\[0\] is on meta but params\[0\] is on cpu"
+    elif where == "step":
+        lists["state_steps"][0] = lists["state_steps"][0].to("meta")
+        message = r"state_steps\[0\] must be a one-element float32 or float64 tensor on cpu"
+    else:
+        options["lr"] = torch.tensor(0.5, device="meta")
+        message = "lr is on meta but the params are on cpu"
+    cpu_tensors = {name: [t for t in tensors if not t.is_meta] for name, tensors in lists.items()}
+    before = snapshot(cpu_tensors)
+    with pytest.raises(RuntimeError, match=message):
+        adadelta_ext.fused_adadelta_(*lists.values(), **options)
+    assert_unchanged(cpu_tensors, before)
+
+
+def test_op_with_empty_lists_raises_like_torchs_fused_ops():
+    """No tensor to pick a kernel by: the dispatcher raises NotImplementedError (a RuntimeError),
+    as it does for torch._fused_adam_([], ...). FusedAdadelta.step() makes no such call."""
+    empty_lists: list[list[torch.Tensor]] = [[] for _ in range(6)]
+    with pytest.raises(RuntimeError, match="There were no tensor arguments to this function"):
+        adam_options = {"beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0, "eps": 1e-8, "amsgrad": False}
+        torch._fused_adam_(*empty_lists, lr=0.1, maximize=False, **adam_options)
+    with pytest.raises(RuntimeError, match="There were no tensor arguments to this function"):
+        adadelta_ext.fused_adadelta_(*empty_lists[:5], **OP_OPTIONS)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "misuse",
+    [
+        "params_on_two_devices",
+        "grad_on_other_device",
+        "state_on_other_device",
+        "step_on_other_device",
+        "lr_on_other_device",
+    ],
+)
+def test_op_called_with_tensors_on_mixed_devices_raises_runtime_error_and_changes_nothing(misuse):
+    lists, options = op_lists(TWO_ENTRIES, device="cuda"), dict(OP_OPTIONS)
+    if misuse == "params_on_two_devices":
+        for name in lists:
+            lists[name][1] = lists[name][1].cpu()
+        message = r"params\[1\] is on cpu but params\[0\] is on cuda:0"
+    elif misuse == "grad_on_other_device":
+        lists["grads"][1] = lists["grads"][1].cpu()
+        message = r"grads\[1\] is on cpu but params\[1\] is on cuda:0"
+    elif misuse == "state_on_other_device":
+        lists["square_avgs"][1] = lists["square_avgs"][1].cpu()
+        message = r"square_avgs\[1\] is on cpu but params\[1\] is on cuda:0"
+    elif misuse == "step_on_other_device":
+        lists["state_steps"][1] = lists["state_steps"][1].cpu()
+        message = re.escape("state_steps[1] must be a one-element float32 or float64 tensor on cuda:0")
+    else:
+        options["lr"] = torch.tensor(0.5)
+        message = "lr is on cpu but the params are on cuda:0"
+    before = snapshot(lists)
+
+    with pytest.raises(RuntimeError, match=message):
+        adadelta_ext.fused_adadelta_(*lists.values(), **options)
+
+    assert_unchanged(lists, before)

@@ -1,0 +1,43 @@
+"""A step updates params and state in place as autograd expects of an in-place op: it bumps the
+version counter of every tensor it writes, so a backward through a changed param is refused
+(issue 9, defect 2: the step's updates were invisible to autograd)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_testing import OP_OPTIONS, op_lists
+from torch import nn
+
+import adadelta_ext
+from adadelta_ext import FusedAdadelta
+
+
+def test_autograd_refuses_a_backward_through_a_param_the_step_changed():
+    w = nn.Parameter(torch.randn(3))
+    loss = (w * w).sum()
+    loss.backward(retain_graph=True)
+    FusedAdadelta([w]).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("grad_scale", [None, 2.0])
+def test_the_op_bumps_the_version_of_every_tensor_it_writes(grad_scale):
+    """Params, square_avgs, acc_deltas and steps; grads only when unscaled (with a grad_scale)."""
+    lists = op_lists()
+    versions = {name: [t._version for t in tensors] for name, tensors in lists.items()}
+    options = dict(OP_OPTIONS, grad_scale=None if grad_scale is None else torch.tensor(grad_scale))
+    adadelta_ext.fused_adadelta_(*lists.values(), **options)
+    bumped = {
+        name: [t._version - v for t, v in zip(tensors, versions[name], strict=True)]
+        for name, tensors in lists.items()
+    }
+    grads_bumped = 0 if grad_scale is None else 1
+    assert bumped == {
+        "params": [1],
+        "grads": [grads_bumped],
+        "square_avgs": [1],
+        "acc_deltas": [1],
+        "state_steps": [1],
+    }
