@@ -119,7 +119,7 @@ if wanted pytest; then
   # test_packaging installs torch into a fresh venv, which needs the network
   # the GPU machine lacks; CI runs it.
   step pytest 240 python -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
-    --deselect tests/test_packaging.py
+    --deselect tests/build/test_packaging.py
   note "pytest counts: $(pytest_counts "$OUT/pytest.log")"
   if grep -E '^SKIPPED' "$OUT/pytest.log" | grep -qi 'cuda'; then
     note "pytest: FAILED, skips that name CUDA on a CUDA machine:"
@@ -163,11 +163,11 @@ PYTHON
   fi
 fi
 
-# The CUDA tests: those with cuda in their name or parameters, less
-# test_cuda_build.py's compile tests (nvcc and the host compiler, no GPU).
+# The CUDA tests: those marked `cuda` (every test that needs a GPU, and no
+# other: tests/build/test_cuda_build.py's compile tests need only nvcc).
 # Without the caching allocator each tensor is its own allocation, so memcheck
 # reports an access past a tensor's end. The kernel uses no shared memory,
-# which is what racecheck checks: a short run.
+# which is what racecheck checks: a short run, the op's CUDA tests alone.
 if wanted memcheck || wanted racecheck; then
   SANITIZER=$(find_tool compute-sanitizer)
   if [[ -z $SANITIZER ]]; then
@@ -178,14 +178,13 @@ fi
 if wanted memcheck && [[ -n ${SANITIZER:-} ]]; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 200 \
     "$SANITIZER" --tool memcheck --error-exitcode 86 --print-limit 50 \
-    python -m pytest -q -p no:cacheprovider -m 'not slow' -k 'cuda and not compiles and not torch_header'
+    python -m pytest -q -p no:cacheprovider -m 'cuda and not slow'
   note "memcheck counts: $(pytest_counts "$OUT/memcheck.log")"
   grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /' | tee -a "$SUMMARY"
 fi
 if wanted racecheck && [[ -n ${SANITIZER:-} ]]; then
   step racecheck 90 "$SANITIZER" --tool racecheck --error-exitcode 86 \
-    python -m pytest -q -p no:cacheprovider tests/test_cuda_build.py \
-    -k 'cuda_kernel_matches_cpu_op and not misaligned'
+    python -m pytest -q -p no:cacheprovider -m cuda tests/op/test_cuda_matches_cpu.py
   grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.log" | tail -n 1 | sed 's/^/racecheck: /' |
     tee -a "$SUMMARY"
 fi

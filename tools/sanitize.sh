@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 
 # The op-level tests (files or folders); one not in this checkout is skipped with a note.
-SANITIZE_TESTS=${SANITIZE_TESTS:-"tests/test_bad_input.py tests/test_reliability.py tests/test_property.py tests/test_input_space.py"}
+SANITIZE_TESTS=${SANITIZE_TESTS:-"tests/op"}
 
 OUT=$PWD/build/sanitize
 SITE=$OUT/site
