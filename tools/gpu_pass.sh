@@ -119,7 +119,7 @@ if wanted pytest; then
   # test_packaging installs torch into a fresh venv, which needs the network
   # the GPU machine lacks; CI runs it.
   step pytest 240 python -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
-    --deselect tests/build/test_packaging.py
+    --deselect tests/build_and_style/test_packaging.py
   note "pytest counts: $(pytest_counts "$OUT/pytest.log")"
   if grep -E '^SKIPPED' "$OUT/pytest.log" | grep -qi 'cuda'; then
     note "pytest: FAILED, skips that name CUDA on a CUDA machine:"
@@ -164,7 +164,7 @@ PYTHON
 fi
 
 # The CUDA tests: those marked `cuda` (every test that needs a GPU, and no
-# other: tests/build/test_cuda_build.py's compile tests need only nvcc).
+# other: tests/build_and_style/test_cuda_build.py's compile tests need only nvcc).
 # Without the caching allocator each tensor is its own allocation, so memcheck
 # reports an access past a tensor's end. The kernel uses no shared memory,
 # which is what racecheck checks: a short run, the op's CUDA tests alone.
