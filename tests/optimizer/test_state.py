@@ -60,32 +60,30 @@ def test_fp32_state_is_kept_in_float32_by_the_optimizer_and_its_copies(dtype, ma
     )
 
 
-def test_model_double_after_a_step_trains_on_like_torch():
-    """Issue 9, defect 1: float64 params with float32 state (after `model.double()`) corrupted the heap.
-    State follows the param to float64 (lossless from float32); torch keeps float32 state and
-    promotes, so the two differ by float32 roundings of the state: rtol 1e-5."""
-    fused_model, torch_model = twin_models(small_model())
-    fused = FusedAdadelta(fused_model.parameters(), lr=0.5)
-    reference = torch.optim.Adadelta(torch_model.parameters(), lr=0.5)
-    for model, optimizer in ((fused_model, fused), (torch_model, reference)):
-        train_steps(model, optimizer, 1)
-        model.double()
-        train_steps(model, optimizer, 3)
-    assert fused.state[fused_model[0].weight]["square_avg"].dtype == torch.float64
-    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict(), rtol=1e-5, atol=1e-7)
+# A model changed to another dtype after it stepped. Issue 9, defect 1: float64 params with
+# float32 state (after `model.double()`) corrupted the heap.
+DTYPE_CHANGES = {
+    # State follows the param to float64 (lossless from float32); torch keeps float32 state and
+    # promotes, so the two differ by float32 roundings of the state: rtol 1e-5.
+    "double_after_float32": (torch.float32, torch.float64, {"rtol": 1e-5, "atol": 1e-7}),
+    # State follows the param back to float32, as torch's does: assert_close's defaults.
+    "float_after_float64": (torch.float64, torch.float32, {}),
+}
 
 
-def test_model_float_after_float64_training_trains_on():
-    """Issue 9, defect 1, the other way: state follows the param back to float32, as torch's does."""
-    fused_model, torch_model = twin_models(small_model(dtype=torch.float64))
+@pytest.mark.parametrize("change", list(DTYPE_CHANGES.values()), ids=list(DTYPE_CHANGES))
+def test_state_follows_its_param_to_another_dtype_and_training_goes_on_like_torch(change):
+    first_dtype, then_dtype, tolerance = change
+    fused_model, torch_model = twin_models(small_model(dtype=first_dtype))
     fused = FusedAdadelta(fused_model.parameters(), lr=0.5)
     reference = torch.optim.Adadelta(torch_model.parameters(), lr=0.5)
     for model, optimizer in ((fused_model, fused), (torch_model, reference)):
         train_steps(model, optimizer, 2)
-        model.float()
+        model.to(then_dtype)
         train_steps(model, optimizer, 2)
-    assert fused.state[fused_model[0].weight]["acc_delta"].dtype == torch.float32
-    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict())
+    for p in fused_model.parameters():
+        assert fused.state[p]["square_avg"].dtype == fused.state[p]["acc_delta"].dtype == then_dtype
+    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict(), **tolerance)
 
 
 def test_state_follows_its_param_into_channels_last():
