@@ -99,7 +99,7 @@ def adadelta_cases(draw, long_lengths: list[int] = FORMULA_LONG_LENGTHS) -> dict
     }
 
 
-def case_data(case: dict) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+def initial_params_and_grads(case: dict) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """Initial params and per-step grads, already in the param dtype (both sides see these values)."""
     generator = torch.Generator().manual_seed(case["seed"])
 
@@ -208,7 +208,7 @@ def representable(case: dict, references: list[dict]) -> bool:
 @settings(max_examples=300, deadline=None)
 @given(case=adadelta_cases())
 def test_fused_adadelta_follows_the_reference_formula_within_the_rounding_bound(case):
-    params, grads = case_data(case)
+    params, grads = initial_params_and_grads(case)
     lr = torch.tensor(case["lr"], dtype=torch.float64) if case["tensor_lr"] else case["lr"]
     references = [
         reference_adadelta(
@@ -241,7 +241,7 @@ def test_stepping_params_together_or_one_by_one_gives_the_same_bits(case):
     """One kernel call over all params (whose element ranges the CPU kernel splits across threads,
     spanning params) gives exactly what one optimizer per param gives, and a tensor lr exactly
     what the same float lr gives (rtol=0, atol=0)."""
-    params, grads = case_data(case)
+    params, grads = initial_params_and_grads(case)
     together, optimizer = run_fused(case, params, grads, torch.tensor(case["lr"], dtype=torch.float64))
     for index, param in enumerate(params):
         alone, alone_optimizer = run_fused(case, [param], [[step[index]] for step in grads], case["lr"])
@@ -268,7 +268,7 @@ def test_the_bound_is_tight_enough_to_catch_a_wrong_rho():
         "grad_scale": 1.0,
         "seed": 0,
     }
-    params, grads = case_data(case)
+    params, grads = initial_params_and_grads(case)
     fused_params, _ = run_fused(case, params, grads, case["lr"])
     wrong = reference_adadelta(
         params[0],
