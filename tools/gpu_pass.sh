@@ -167,7 +167,7 @@ fi
 # other: tests/build_and_style/test_cuda_build.py's compile tests need only nvcc).
 # Without the caching allocator each tensor is its own allocation, so memcheck
 # reports an access past a tensor's end. The kernel uses no shared memory,
-# which is what racecheck checks: a short run, the op's CUDA tests alone.
+# which is what racecheck checks: a short run, the kernel against the CPU op alone.
 if wanted memcheck || wanted racecheck; then
   SANITIZER=$(find_tool compute-sanitizer)
   if [[ -z $SANITIZER ]]; then
@@ -184,7 +184,7 @@ if wanted memcheck && [[ -n ${SANITIZER:-} ]]; then
 fi
 if wanted racecheck && [[ -n ${SANITIZER:-} ]]; then
   step racecheck 90 "$SANITIZER" --tool racecheck --error-exitcode 86 \
-    python -m pytest -q -p no:cacheprovider -m cuda tests/op/test_cuda_matches_cpu.py
+    python -m pytest -q -p no:cacheprovider -m cuda tests/op/test_cuda_matches_cpu.py::test_cuda_kernel_matches_cpu_op
   grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.log" | tail -n 1 | sed 's/^/racecheck: /' |
     tee -a "$SUMMARY"
 fi
