@@ -323,19 +323,21 @@ class FusedAdadelta(Optimizer):
     def _kernel_calls(
         self, group: dict[str, Any], lists: tuple[list[Tensor], ...]
     ) -> Iterator[tuple[tuple[list[Tensor], ...], dict[str, Any]]]:
-        """The op calls for one param group's lists: (tensor lists, options), one per device and dtype."""
+        """The op calls for one param group's lists: (tensor lists, options), one per device."""
         if any(isinstance(p, DTensor) for p in lists[0]):
             lists = tuple([_local(t) for t in tensors] for tensors in lists)
         params = lists[0]
 
-        # Grouped by the params alone: torch's grouping requires every list to have its
-        # param's dtype, which float32 state (fp32_state) and grads (grad_dtype) do not.
-        groups = Optimizer._group_tensors_by_device_and_dtype([params], with_indices=True)
-        per_device = []
-        for (device, _), (_, indices) in groups.items():
-            grouped = lists if len(groups) == 1 else tuple([t[i] for i in indices] for t in lists)
-            # Under torch.compile there is one group, of device None: inductor groups its own.
-            per_device.append((device or params[0].device, grouped))
+        # One call per device, not Optimizer._group_tensors_by_device_and_dtype's one per
+        # (device, dtype): the op takes mixed dtypes in one pass, and an error then names a
+        # param by its index in the group, not in a per-dtype sublist.
+        devices = list(dict.fromkeys(p.device for p in params))
+        per_device = [(devices[0], lists)]
+        if len(devices) > 1:
+            per_device = []
+            for device in devices:
+                indices = [i for i, p in enumerate(params) if p.device == device]
+                per_device.append((device, tuple([t[i] for i in indices] for t in lists)))
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
