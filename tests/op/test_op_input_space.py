@@ -1,11 +1,12 @@
 """Property test (hypothesis) over the input space of adadelta_ext.fused_adadelta_: refused, or right.
 
-tests/test_property.py varies the values the op computes with; this file varies what the op is
-handed: the dtype of each tensor (param, grad, square_avg, acc_delta, step), its layout in memory
-(contiguous, transposed, strided and offset views, channels_last, expanded, 0-d, empty), its device
-(cpu and meta, and cuda where there is one), params that are views of one buffer (overlapping or
-not), tensors of two roles sharing memory, lists of unequal length, and the options (a float or a
-tensor lr, rho, eps, weight_decay, maximize, grad_scale, found_inf), in and out of range.
+test_op_matches_float64_reference.py varies the values the op computes with; this file varies
+what the op is handed: the dtype of each tensor (param, grad, square_avg, acc_delta, step), its
+layout in memory (contiguous, transposed, strided and offset views, channels_last, expanded, 0-d,
+empty), its device (cpu and meta, and cuda where there is one), params that are views of one
+buffer (overlapping or not), tensors of two roles sharing memory, lists of unequal length, and the
+options (a float or a tensor lr, rho, eps, weight_decay, maximize, grad_scale, found_inf), in and
+out of range.
 
 The contract, encoded by `contract_violations` (no violation: the op must accept the case):
 
@@ -36,12 +37,12 @@ violation's MESSAGE_WORDS) and every byte of every input storage unchanged. Othe
 nonzero found_inf every byte is unchanged; else each step is increased by exactly 1, no byte
 outside the views the op writes changes, and params, square_avgs, acc_deltas (and grads, unscaled,
 with a grad_scale) equal the float64 reference within the bound below. The reference is the formula
-of tests/test_property.py (g = grad / grad_scale with one), applied param by param in place on
-float64 (complex128) copies of the inputs' storages, so that overlapping params see one another's
+of test_op_matches_float64_reference.py (g = grad / grad_scale with one), applied param by param
+in place on float64 (complex128) copies of the inputs' storages, so that overlapping params see one another's
 writes as they must in the op.
 
-The tolerance, derived as in tests/test_property.py (read its docstring), for one step from stored
-inputs: per element of a written tensor X of param i,
+The tolerance, derived as in test_op_matches_float64_reference.py (read its docstring), for one
+step from stored inputs: per element of a written tensor X of param i,
 
     k * ((16 u_c + 2 u_s) * magnitude + spacing)
 
@@ -51,13 +52,13 @@ inputs: per element of a written tensor X of param i,
   param's dtype, as a param value stored by one param's step enters the next one's;
 - spacing: the subnormal spacing of X's dtype (2^-24 for float16): the absolute error of a rounding
   into subnormals, which the relative term does not cover;
-- magnitude: the same recurrence run on absolute values (as test_property's `reference_adadelta`),
+- magnitude: the same recurrence run on absolute values (as that test's `reference_adadelta`),
   the scale of the terms that were rounded;
 - k: how many steps an element can go through: the number of params when they are views of one
   buffer, else 1. A relative error in g reaches the update at most undiminished
   (|d update / d g| <= |update / g|), so the errors of successive steps add up.
 
-test_property's term for float16 state that underflowed in one step and feeds the next is not needed
+That test's term for float16 state that underflowed in one step and feeds the next is not needed
 here: states go in as exact inputs and are stored once. Cases whose exact result overflows the dtype
 it is stored in are not drawn (`assume`); grad scales are powers of two, so unscaling is exact.
 
