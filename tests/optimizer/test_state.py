@@ -66,7 +66,8 @@ DTYPE_CHANGES = {
     # State follows the param to float64 (lossless from float32); torch keeps float32 state and
     # promotes, so the two differ by float32 roundings of the state: rtol 1e-5.
     "double_after_float32": (torch.float32, torch.float64, {"rtol": 1e-5, "atol": 1e-7}),
-    # State follows the param back to float32, as torch's does: assert_close's defaults.
+    # State follows the param back to float32; torch keeps its float64 state and rounds each
+    # update to the float32 param: within assert_close's float32 defaults.
     "float_after_float64": (torch.float64, torch.float32, {}),
 }
 
