@@ -31,7 +31,10 @@ def cpu_kernel_isa() -> str:
 
 
 def cpu_kernel_isas() -> list[str]:
-    """The instruction sets the CPU kernel was built for, in ascending order, e.g. ``["DEFAULT", "AVX2"]``."""
+    """The CPU kernel's builds this process can run, ascending, e.g. ``["DEFAULT", "AVX2"]``.
+
+    Those built up to :func:`cpu_kernel_isa`; ``ATEN_CPU_CAPABILITY`` picks any of them.
+    """
     return torch.ops.adadelta_ext.cpu_kernel_isas()
 
 

@@ -88,7 +88,7 @@ TORCH_LIBRARY(adadelta_ext, m) {
       "float rho, float eps, float weight_decay, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Which instruction set the CPU kernel runs with ("AVX512", "AVX2", "DEFAULT"),
-  // and those it was built for.
+  // and those built that it could run with (see cpu/adadelta_cpu_kernel.h).
   m.def("cpu_kernel_isa() -> str", &cpu::kernel_isa);
   m.def("cpu_kernel_isas() -> str[]", &cpu::kernel_isas);
 }

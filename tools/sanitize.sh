@@ -68,15 +68,11 @@ def pytest_configure(config):
 PYTHON
 
 # The tests run once per CPU kernel build this CPU can run (without it, only the best would):
-# ATEN_CPU_CAPABILITY picks ATen's, which the kernel follows. ATen trusts it, so a build the CPU
-# lacks would die of an illegal instruction: those past torch's own choice are left out.
-best=$(env -u ATEN_CPU_CAPABILITY "$python" -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')
-case $best in
-  AVX512) isas="default avx2 avx512" ;;
-  AVX2) isas="default avx2" ;;
-  *) isas="default" ;;
-esac
-echo "sanitize: CPU capability $best: the tests run with ATEN_CPU_CAPABILITY=${isas// /, }"
+# ATEN_CPU_CAPABILITY picks ATen's, which the kernel follows. The builds it can run are what
+# adadelta_ext.cpu_kernel_isas() says, asked of the normal build (tools/test.sh installs it).
+isas=$(env -u ATEN_CPU_CAPABILITY "$python" -c \
+  'import adadelta_ext; print(" ".join(isa.lower() for isa in adadelta_ext.cpu_kernel_isas()))')
+echo "sanitize: the tests run with ATEN_CPU_CAPABILITY=${isas// /, }"
 
 # detect_leaks=0: CPython frees little at exit, by design. halt_on_error: UBSan stops at its first
 # finding (setup.py also compiles with no recovery). --capture=sys: a report goes to the real

@@ -50,7 +50,10 @@ UpdateRangeFn find_update_range(const KernelDtypes& dtypes);
 // kernel was built for it, else "DEFAULT".
 std::string kernel_isa();
 
-// The instruction sets a kernel was built for, in setup.py's order.
+// The instruction sets a kernel was built for, in setup.py's (ascending) order,
+// up to the one this process runs with: those it can run, since ATen trusts
+// ATEN_CPU_CAPABILITY and a build past the CPU's would die of an illegal
+// instruction.
 std::vector<std::string> kernel_isas();
 
 // setup.py compiles adadelta_cpu_kernel.cpp once per entry of its

@@ -50,9 +50,12 @@ std::vector<std::string> kernel_isas() {
   std::sort(isas.begin(), isas.end(), [](const RegisteredIsa& a, const RegisteredIsa& b) {
     return a.rank < b.rank;
   });
+  const int running = find_isa(kernel_isa())->rank;
   std::vector<std::string> names;
   for (const RegisteredIsa& isa : isas) {
-    names.push_back(isa.name);
+    if (isa.rank <= running) {
+      names.push_back(isa.name);
+    }
   }
   return names;
 }

@@ -37,17 +37,9 @@ torch.save(results, sys.argv[1])
 """
 
 
-def isas_this_cpu_runs() -> list[str]:
-    """The builds up to the one torch runs its own kernels with (ATen trusts ATEN_CPU_CAPABILITY:
-    a build past what the CPU has would die of an illegal instruction)."""
-    built = adadelta_ext.cpu_kernel_isas()
-    best = torch.backends.cpu.get_cpu_capability()
-    return built[: built.index(best) + 1] if best in built else ["DEFAULT"]
-
-
 def test_every_cpu_kernel_build_gives_identical_results(tmp_path):
     """Every instruction-set build of the CPU kernel (forced as torch forces its own) rounds alike."""
-    isas = isas_this_cpu_runs()
+    isas = adadelta_ext.cpu_kernel_isas()
     if len(isas) == 1:
         pytest.skip(f"this CPU runs only the {isas[0]} kernel")
     results = {}
