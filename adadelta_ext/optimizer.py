@@ -315,10 +315,12 @@ class FusedAdadelta(Optimizer):
             return False
         if square_avg.dtype != self._state_dtype(param) or square_avg.device != param.device:
             return True
-        # State of a param that is not dense (a view) is contiguous, not of the param's strides.
-        return (
-            square_avg.stride() != param.stride() and self._state_like(param).stride() != square_avg.stride()
-        )
+        if square_avg.stride() == param.stride():
+            return False
+        # State of a param that is not dense (a view) is contiguous, not of the param's strides:
+        # compare with what preserve_format makes, on meta (no memory to allocate or fill).
+        layout = torch.empty_like(param, device="meta", memory_format=torch.preserve_format)
+        return layout.stride() != square_avg.stride()
 
     def _kernel_calls(
         self, group: dict[str, Any], lists: tuple[list[Tensor], ...]
