@@ -52,16 +52,21 @@ def fused_adadelta_(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    round_lr_product: bool = False,
 ) -> None:
     """One fused Adadelta step over tensors of one device, in place.
 
     The functional form of :class:`adadelta_ext.FusedAdadelta`: each list
     holds one entry per param, and every tensor is on the same device. ``lr``
     may be a one-element tensor on that device (read there, so a CUDA graph can
-    capture it). With ``grad_scale``, grads are divided by it and stored back
-    unscaled; with a nonzero ``found_inf`` nothing at all changes. Every
-    argument is checked before anything changes (see ``check_fused_adadelta``).
+    capture it); ``round_lr_product`` then computes ``param + update * (-lr)``
+    with two roundings, as ``torch.optim.Adadelta(capturable=True)`` does,
+    rather than one fused multiply-add. With ``grad_scale``, grads are
+    unscaled as ``GradScaler.unscale_`` does and stored back; with a nonzero
+    ``found_inf`` nothing at all changes. Every argument is checked before
+    anything changes (see ``check_fused_adadelta``).
     """
+    lr_options = {"round_lr_product": round_lr_product} if isinstance(lr, Tensor) else {}
     _overload(torch.ops.adadelta_ext.fused_adadelta_, lr)(
         params,
         grads,
@@ -75,6 +80,7 @@ def fused_adadelta_(
         maximize=maximize,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        **lr_options,
     )
 
 

@@ -347,10 +347,14 @@ class FusedAdadelta(Optimizer):
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != device:
                 lr = lr.item()
+            # torch.optim.Adadelta's own roundings: a tensor lr under capturable is applied as
+            # param + update * (-lr), anything else as one fused multiply-add.
+            lr_options = {"round_lr_product": group["capturable"]} if isinstance(lr, Tensor) else {}
             yield (
                 tensors,
                 {
                     "lr": lr,
+                    **lr_options,
                     "rho": group["rho"],
                     "eps": group["eps"],
                     "weight_decay": group["weight_decay"],

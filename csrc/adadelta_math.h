@@ -6,8 +6,6 @@
 // the CUDA kernel with float or double: the math is written once, here.
 #pragma once
 
-#include <cmath>
-
 #if defined(__CUDACC__)
 #define ADADELTA_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -28,34 +26,58 @@ struct AdadeltaHyperparams {
   T weight_decay;
   bool maximize;
   bool use_weight_decay;
+  // one_minus_rho is exactly 1 in T: torch's addcmul then fuses g*g itself.
+  bool unit_one_minus_rho;
+  // lr came from a tensor under capturable: torch multiplies the update by
+  // -lr and adds it, two roundings, where a number lr is one fused step.
+  bool lr_product_rounded;
 };
 
-// SIMD vectors (at::vec::Vectorized) bring their own sqrt().
-template <typename T>
-ADADELTA_HOST_DEVICE T adadelta_sqrt(T x) {
-  return x.sqrt();
-}
-template <>
-ADADELTA_HOST_DEVICE float adadelta_sqrt<float>(float x) {
-  return ::sqrtf(x);
-}
-template <>
-ADADELTA_HOST_DEVICE double adadelta_sqrt<double>(double x) {
-  return ::sqrt(x);
-}
-
-// One Adadelta step, in the order torch.optim.Adadelta applies it:
+// NOTE [One rounding per op, written out]
+// Every product, sum, quotient and square root below is one call to Ops, the
+// backend's correctly rounded operations on T:
+//   Ops::mul(a, b), Ops::add(a, b), Ops::div(a, b), Ops::sqrt(a)   one IEEE op;
+//   Ops::fma(a, b, c)                                              a*b + c, rounded once.
+// Written this way no compiler flag can fuse or split an op (nvcc contracts
+// a*b + c into an FMA in some lanes of a vector and not in others), so the CPU
+// and CUDA kernels give the same bits, and on CUDA those of torch.optim.Adadelta,
+// whose foreach kernels compute, per element (ATen's ForeachFunctors.cuh):
 //
 //   g          = -grad if maximize else grad
-//   g          = g + weight_decay * param              (weight_decay != 0)
-//   square_avg = rho * square_avg + (1 - rho) * g * g
+//   g          = fma(weight_decay, param, g)                    (weight_decay != 0)
+//   square_avg = fma(1 - rho, g * g, square_avg * rho)          addcmul(value = 1 - rho)
+//              = fma(g, g, square_avg * rho)                    when 1 - rho == 1
 //   update     = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g
-//   acc_delta  = rho * acc_delta + (1 - rho) * update * update
-//   param      = param - lr * update
-//
-// The products keep torch's association ((1 - rho) * g) * g so that float32
-// results on the CPU match torch.optim.Adadelta's foreach kernels.
-template <typename T>
+//   acc_delta  = fma(1 - rho, update * update, acc_delta * rho)
+//   param      = fma(-lr, update, param)                        add(alpha = -lr)
+//              = param + update * (-lr)                         capturable, tensor lr
+// The hyperparameters in the arithmetic type T (a scalar or a SIMD vector of
+// Scalar), each rounded once from its double value as torch rounds a Python
+// float it is given.
+template <typename T, typename Scalar = T>
+ADADELTA_HOST_DEVICE AdadeltaHyperparams<T> hyperparams_as(const AdadeltaHyperparams<double>& h) {
+  const Scalar one_minus_rho = static_cast<Scalar>(h.one_minus_rho);
+  return AdadeltaHyperparams<T>{
+      T(static_cast<Scalar>(h.lr)),
+      T(static_cast<Scalar>(h.rho)),
+      T(one_minus_rho),
+      T(static_cast<Scalar>(h.eps)),
+      T(static_cast<Scalar>(h.weight_decay)),
+      h.maximize,
+      h.use_weight_decay,
+      one_minus_rho == Scalar(1),
+      h.lr_product_rounded};
+}
+
+// torch's addcmul(self, value, value, 1 - rho), rounded as its CUDA kernel rounds.
+template <typename Ops, typename T>
+ADADELTA_HOST_DEVICE T rounded_addcmul(const AdadeltaHyperparams<T>& hyper, T self, T value) {
+  return hyper.unit_one_minus_rho
+      ? Ops::fma(value, value, self)
+      : Ops::fma(hyper.one_minus_rho, Ops::mul(value, value), self);
+}
+
+template <typename Ops, typename T>
 ADADELTA_HOST_DEVICE void adadelta_update(
     T& param,
     T grad,
@@ -66,13 +88,15 @@ ADADELTA_HOST_DEVICE void adadelta_update(
     grad = -grad;
   }
   if (hyper.use_weight_decay) {
-    grad = grad + hyper.weight_decay * param;
+    grad = Ops::fma(hyper.weight_decay, param, grad);
   }
-  square_avg = hyper.rho * square_avg + hyper.one_minus_rho * grad * grad;
-  const T update = adadelta_sqrt(acc_delta + hyper.eps) /
-      adadelta_sqrt(square_avg + hyper.eps) * grad;
-  acc_delta = hyper.rho * acc_delta + hyper.one_minus_rho * update * update;
-  param = param - hyper.lr * update;
+  square_avg = rounded_addcmul<Ops>(hyper, Ops::mul(square_avg, hyper.rho), grad);
+  const T std = Ops::sqrt(Ops::add(square_avg, hyper.eps));
+  const T update =
+      Ops::mul(Ops::div(Ops::sqrt(Ops::add(acc_delta, hyper.eps)), std), grad);
+  acc_delta = rounded_addcmul<Ops>(hyper, Ops::mul(acc_delta, hyper.rho), update);
+  param = hyper.lr_product_rounded ? Ops::add(param, Ops::mul(update, -hyper.lr))
+                                   : Ops::fma(-hyper.lr, update, param);
 }
 
 } // namespace adadelta_ext

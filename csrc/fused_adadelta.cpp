@@ -63,6 +63,9 @@ TORCH_LIBRARY(adadelta_ext, m) {
   // in place. grads are mutable because, when grad_scale is given, the
   // kernel unscales them in place as GradScaler.unscale_ would.
   // Each state_steps[i] is incremented by one, unless found_inf is set.
+  // round_lr_product (tensor lr only): param + update * (-lr) with two
+  // roundings, as torch.optim.Adadelta(capturable=True) computes a tensor lr
+  // step; otherwise one fused multiply-add, as it computes every other step.
   m.def(
       "fused_adadelta_(Tensor(a!)[] params, Tensor(b!)[] grads, "
       "Tensor(c!)[] square_avgs, Tensor(d!)[] acc_deltas, "
@@ -74,7 +77,7 @@ TORCH_LIBRARY(adadelta_ext, m) {
       "Tensor(c!)[] square_avgs, Tensor(d!)[] acc_deltas, "
       "Tensor(e!)[] state_steps, *, Tensor lr, float rho, float eps, "
       "float weight_decay, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, bool round_lr_product=False) -> ()");
   // Raises what fused_adadelta_ would raise for the same arguments, and changes
   // nothing: an optimizer making several calls checks them all first.
   m.def(
@@ -86,7 +89,7 @@ TORCH_LIBRARY(adadelta_ext, m) {
       "check_fused_adadelta.tensor_lr(Tensor[] params, Tensor[] grads, "
       "Tensor[] square_avgs, Tensor[] acc_deltas, Tensor[] state_steps, *, Tensor lr, "
       "float rho, float eps, float weight_decay, bool maximize, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, bool round_lr_product=False) -> ()");
   // Which instruction set the CPU kernel runs with ("AVX512", "AVX2", "DEFAULT"),
   // and those built that it could run with (see cpu/adadelta_cpu_kernel.h).
   m.def("cpu_kernel_isa() -> str", &cpu::kernel_isa);
@@ -105,8 +108,8 @@ TORCH_LIBRARY_IMPL(adadelta_ext, Meta, m) {
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, CompositeExplicitAutograd, m) {
-  m.impl("check_fused_adadelta", &fused_adadelta_kernel<&check_only, double>);
-  m.impl("check_fused_adadelta.tensor_lr", &fused_adadelta_kernel<&check_only, const at::Tensor&>);
+  m.impl("check_fused_adadelta", &fused_adadelta_kernel<&check_only>);
+  m.impl("check_fused_adadelta.tensor_lr", &fused_adadelta_tensor_lr_kernel<&check_only>);
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, SparseCPU, m) {

@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include <optional>
-#include <type_traits>
 
 #include "fused_adadelta_inputs.h"
 
@@ -38,34 +37,50 @@ void checked_call(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOption
   }
 }
 
-// The op's schema as a kernel for m.impl, reaching checked_call<Impl>: Lr is
-// double for the op's default overload, const at::Tensor& for .tensor_lr.
-template <FusedAdadeltaImpl Impl, typename Lr>
+// The op's schema as kernels for m.impl, reaching checked_call<Impl>: the
+// default overload (a number lr) and .tensor_lr.
+template <FusedAdadeltaImpl Impl>
 void fused_adadelta_kernel(
     at::TensorList params,
     at::TensorList grads,
     at::TensorList square_avgs,
     at::TensorList acc_deltas,
     at::TensorList state_steps,
-    Lr lr,
+    double lr,
     double rho,
     double eps,
     double weight_decay,
     bool maximize,
     const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& found_inf) {
-  FusedAdadeltaOptions options{0.0, std::nullopt, rho, eps, weight_decay, maximize, grad_scale, found_inf};
-  if constexpr (std::is_same_v<Lr, double>) {
-    options.lr = lr;
-  } else {
-    options.lr_tensor = lr;
-  }
-  checked_call<Impl>({params, grads, square_avgs, acc_deltas, state_steps}, options);
+  checked_call<Impl>(
+      {params, grads, square_avgs, acc_deltas, state_steps},
+      {lr, std::nullopt, false, rho, eps, weight_decay, maximize, grad_scale, found_inf});
+}
+
+template <FusedAdadeltaImpl Impl>
+void fused_adadelta_tensor_lr_kernel(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    const at::Tensor& lr,
+    double rho,
+    double eps,
+    double weight_decay,
+    bool maximize,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf,
+    bool round_lr_product) {
+  checked_call<Impl>(
+      {params, grads, square_avgs, acc_deltas, state_steps},
+      {0.0, lr, round_lr_product, rho, eps, weight_decay, maximize, grad_scale, found_inf});
 }
 
 // Registers Impl as the kernel of both overloads for one dispatch key.
-#define ADADELTA_IMPL_BOTH_OVERLOADS(m, Impl)                          \
-  m.impl("fused_adadelta_", &fused_adadelta_kernel<Impl, double>); \
-  m.impl("fused_adadelta_.tensor_lr", &fused_adadelta_kernel<Impl, const at::Tensor&>)
+#define ADADELTA_IMPL_BOTH_OVERLOADS(m, Impl)                 \
+  m.impl("fused_adadelta_", &fused_adadelta_kernel<Impl>); \
+  m.impl("fused_adadelta_.tensor_lr", &fused_adadelta_tensor_lr_kernel<Impl>)
 
 } // namespace adadelta_ext

@@ -247,6 +247,19 @@ bool shares_dense_layout(const at::Tensor& param, const at::Tensor& other) {
 
 } // namespace
 
+AdadeltaHyperparams<double> adadelta_hyperparams(const FusedAdadeltaOptions& options, double lr) {
+  return AdadeltaHyperparams<double>{
+      lr,
+      options.rho,
+      1.0 - options.rho,
+      options.eps,
+      options.weight_decay,
+      options.maximize,
+      options.weight_decay != 0,
+      1.0 - options.rho == 1.0,
+      options.lr_tensor.has_value() && options.round_lr_product};
+}
+
 CheckedCall check_fused_adadelta_call(
     const FusedAdadeltaTensors& tensors,
     const FusedAdadeltaOptions& options) {

@@ -7,12 +7,17 @@
 #include <optional>
 #include <vector>
 
+#include "adadelta_math.h"
+
 namespace adadelta_ext {
 
 // The scalar arguments of one call, as the schema in fused_adadelta.cpp names them.
 struct FusedAdadeltaOptions {
   double lr;  // used when lr_tensor is empty
   std::optional<at::Tensor> lr_tensor;  // one element, on the params' device
+  // With lr_tensor: param + update * (-lr), rounded twice, as torch.optim's
+  // capturable path computes it, rather than one fused multiply-add.
+  bool round_lr_product;
   double rho;
   double eps;
   double weight_decay;
@@ -20,6 +25,11 @@ struct FusedAdadeltaOptions {
   std::optional<at::Tensor> grad_scale;  // set by torch.amp.GradScaler
   std::optional<at::Tensor> found_inf;  // set by torch.amp.GradScaler
 };
+
+// The step's hyperparameters, in double, with `lr` (options.lr, or the value
+// of options.lr_tensor where the caller has read it) and 1 - rho computed in
+// double, as torch.optim computes it in Python.
+AdadeltaHyperparams<double> adadelta_hyperparams(const FusedAdadeltaOptions& options, double lr);
 
 // The op's tensor arguments: one entry per param in each list.
 struct FusedAdadeltaTensors {

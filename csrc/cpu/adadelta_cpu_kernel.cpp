@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 namespace adadelta_ext::cpu {
@@ -82,6 +83,43 @@ struct BlockIO {
   }
 };
 
+// Correctly rounded operations on vectors, one rounding each (see NOTE [One
+// rounding per op, written out] in adadelta_math.h); -ffp-contract=off keeps
+// the compiler from fusing a product into a sum.
+template <typename opmath>
+struct VectorRounding {
+  using OpVec = Vectorized<opmath>;
+  static OpVec mul(const OpVec& a, const OpVec& b) {
+    return a * b;
+  }
+  static OpVec add(const OpVec& a, const OpVec& b) {
+    return a + b;
+  }
+  static OpVec div(const OpVec& a, const OpVec& b) {
+    return a / b;
+  }
+  static OpVec sqrt(const OpVec& a) {
+    return a.sqrt();
+  }
+  static OpVec fma(const OpVec& a, const OpVec& b, const OpVec& c) {
+#if defined(CPU_CAPABILITY_DEFAULT)
+    // DEFAULT's at::vec::fmadd is a * b + c, two roundings: std::fma per lane
+    // (glibc runs the FMA instruction where the CPU has one).
+    opmath a_lanes[OpVec::size()], b_lanes[OpVec::size()], c_lanes[OpVec::size()];
+    a.store(a_lanes);
+    b.store(b_lanes);
+    c.store(c_lanes);
+    for (int64_t i = 0; i < OpVec::size(); ++i) {
+      a_lanes[i] = std::fma(a_lanes[i], b_lanes[i], c_lanes[i]);
+    }
+    return OpVec::loadu(a_lanes);
+#else
+    // One FMA instruction (_mm256_fmadd_ps, _mm512_fmadd_pd, ...).
+    return at::vec::fmadd(a, b, c);
+#endif
+  }
+};
+
 template <typename param_t, typename grad_t, typename state_t>
 void update_range(
     const FlatTensorPointers& tensors,
@@ -97,16 +135,8 @@ void update_range(
   using GradIO = BlockIO<grad_t, opmath, kParts>;
   using StateIO = BlockIO<state_t, opmath, kParts>;
 
-  const AdadeltaHyperparams<double>& h = arguments.hyper;
-  const AdadeltaHyperparams<OpVec> hyper{
-      OpVec(opmath(h.lr)),
-      OpVec(opmath(h.rho)),
-      OpVec(opmath(h.one_minus_rho)),
-      OpVec(opmath(h.eps)),
-      OpVec(opmath(h.weight_decay)),
-      h.maximize,
-      h.use_weight_decay};
-  const OpVec grad_scale(opmath(arguments.grad_scale));
+  const auto hyper = hyperparams_as<OpVec, opmath>(arguments.hyper);
+  const OpVec inverse_grad_scale(opmath(arguments.inverse_grad_scale));
 
   auto* const param = static_cast<param_t*>(tensors.param);
   auto* const grad = static_cast<grad_t*>(tensors.grad);
@@ -122,12 +152,14 @@ void update_range(
     StateIO::load(acc_delta + offset, count, acc_delta_vec);
     if (arguments.unscale_grad) {
       for (int part = 0; part < kParts; ++part) {
-        grad_vec[part] = grad_vec[part] / grad_scale;
+        grad_vec[part] = grad_vec[part] * inverse_grad_scale;
       }
+      // Read back: the step uses the grad rounded to its dtype, as stored.
       GradIO::store(grad + offset, count, grad_vec);
+      GradIO::load(grad + offset, count, grad_vec);
     }
     for (int part = 0; part < kParts; ++part) {
-      adadelta_update(
+      adadelta_update<VectorRounding<opmath>>(
           param_vec[part], grad_vec[part], square_avg_vec[part],
           acc_delta_vec[part], hyper);
     }

@@ -22,9 +22,11 @@ struct FlatTensorPointers {
 
 struct CpuStepArguments {
   AdadeltaHyperparams<double> hyper;
-  // When set, grads are divided by grad_scale and stored back unscaled.
+  // When set, grads are unscaled as GradScaler.unscale_ unscales them:
+  // multiplied by inverse_grad_scale = float(1 / double(scale)), rounded to
+  // their dtype and stored back; the step reads what was stored.
   bool unscale_grad;
-  double grad_scale;
+  float inverse_grad_scale;
 };
 
 // Updates elements [begin, end) of one param.

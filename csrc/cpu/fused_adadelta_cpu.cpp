@@ -93,18 +93,11 @@ void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAda
     return;  // GradScaler found an inf or NaN: the step is skipped whole.
   }
   const bool unscale_grad = options.grad_scale.has_value();
-  CpuStepArguments arguments{
-      AdadeltaHyperparams<double>{
-          options.lr_tensor.has_value() ? options.lr_tensor->item<double>()
-                                        : options.lr,
-          options.rho,
-          1.0 - options.rho,
-          options.eps,
-          options.weight_decay,
-          options.maximize,
-          options.weight_decay != 0},
+  const CpuStepArguments arguments{
+      adadelta_hyperparams(
+          options, options.lr_tensor.has_value() ? options.lr_tensor->item<double>() : options.lr),
       unscale_grad,
-      unscale_grad ? options.grad_scale->item<double>() : 1.0};
+      unscale_grad ? static_cast<float>(1.0 / options.grad_scale->item<double>()) : 1.0f};
 
   const FlatTensorLists flat(tensors, unscale_grad);
   const size_t count = flat.params.size();

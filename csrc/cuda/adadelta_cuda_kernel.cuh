@@ -82,6 +82,48 @@ __device__ __forceinline__ __nv_bfloat16 from_opmath<__nv_bfloat16>(float value)
   return __float2bfloat16_rn(value);
 }
 
+// The rounding of the grad stored back by GradScaler unscaling: to its dtype,
+// from the param's opmath (float32 grads of a float64 param: double to float).
+template <typename T, typename opmath>
+__device__ __forceinline__ opmath round_to(opmath value) {
+  return to_opmath(from_opmath<T>(static_cast<opmath_t<T>>(value)));
+}
+
+// IEEE operations with one rounding each, to nearest even, whatever nvcc's
+// --fmad (see NOTE [One rounding per op, written out] in adadelta_math.h).
+struct DeviceRounding {
+  __device__ __forceinline__ static float mul(float a, float b) {
+    return __fmul_rn(a, b);
+  }
+  __device__ __forceinline__ static double mul(double a, double b) {
+    return __dmul_rn(a, b);
+  }
+  __device__ __forceinline__ static float add(float a, float b) {
+    return __fadd_rn(a, b);
+  }
+  __device__ __forceinline__ static double add(double a, double b) {
+    return __dadd_rn(a, b);
+  }
+  __device__ __forceinline__ static float div(float a, float b) {
+    return __fdiv_rn(a, b);
+  }
+  __device__ __forceinline__ static double div(double a, double b) {
+    return __ddiv_rn(a, b);
+  }
+  __device__ __forceinline__ static float sqrt(float a) {
+    return __fsqrt_rn(a);
+  }
+  __device__ __forceinline__ static double sqrt(double a) {
+    return __dsqrt_rn(a);
+  }
+  __device__ __forceinline__ static float fma(float a, float b, float c) {
+    return __fmaf_rn(a, b, c);
+  }
+  __device__ __forceinline__ static double fma(double a, double b, double c) {
+    return __fma_rn(a, b, c);
+  }
+};
+
 // 16 bytes of T, moved by one 128-bit load or store.
 template <typename T>
 struct alignas(16) AlignedVector {
@@ -174,7 +216,7 @@ template <typename opmath>
 struct StepValues {
   AdadeltaHyperparams<opmath> hyper;
   bool unscale_grad;
-  opmath grad_scale;
+  opmath inverse_grad_scale;  // float(1 / double(grad_scale)), as GradScaler.unscale_
 };
 
 // Reads each element once, writes it once (grad only when unscaling).
@@ -193,15 +235,16 @@ __device__ __forceinline__ void update_elements(
   elements.load(chunk.square_avg, square_avg);
   elements.load(chunk.acc_delta, acc_delta);
   if (step.unscale_grad) {
+    // The step uses the grad rounded to its dtype, as stored.
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
-      grad[i] = grad[i] / step.grad_scale;
+      grad[i] = round_to<grad_t>(DeviceRounding::mul(grad[i], step.inverse_grad_scale));
     }
     elements.store(chunk.grad, grad);
   }
 #pragma unroll
   for (int i = 0; i < kCount; ++i) {
-    adadelta_update(param[i], grad[i], square_avg[i], acc_delta[i], step.hyper);
+    adadelta_update<DeviceRounding>(param[i], grad[i], square_avg[i], acc_delta[i], step.hyper);
   }
   elements.store(chunk.param, param);
   elements.store(chunk.square_avg, square_avg);
@@ -250,7 +293,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_adadelta_kernel
     step.hyper.lr = read_scalar<opmath>(scalars.lr);
   }
   if (step.unscale_grad) {
-    step.grad_scale = read_scalar<opmath>(scalars.grad_scale);
+    step.inverse_grad_scale = static_cast<float>(
+        DeviceRounding::div(1.0, read_scalar<double>(scalars.grad_scale)));
   }
   // GradScaler found an inf or NaN: the whole step is skipped, steps included.
   if (scalars.found_inf.address != nullptr &&

@@ -13,8 +13,14 @@ template <typename param_t, typename grad_t, typename state_t>
 cudaError_t launch_multi_tensor_adadelta(
     const AdadeltaTensorPointers* tensors,
     size_t count,
-    const AdadeltaStepScalars<opmath_t<param_t>>& scalars,
+    const AdadeltaStepScalars<double>& scalars_in_double,
     cudaStream_t stream) {
+  using opmath = opmath_t<param_t>;
+  const AdadeltaStepScalars<opmath> scalars{
+      hyperparams_as<opmath>(scalars_in_double.hyper),
+      scalars_in_double.lr,
+      scalars_in_double.grad_scale,
+      scalars_in_double.found_inf};
   MultiTensorLaunchMetadata metadata{};
   int64_t blocks = 0;
   // Launches the tensors metadata holds, then empties it.
@@ -60,7 +66,7 @@ cudaError_t launch_multi_tensor_adadelta(
   template cudaError_t launch_multi_tensor_adadelta<param_t, grad_t, state_t>( \
       const AdadeltaTensorPointers*,                                            \
       size_t,                                                                   \
-      const AdadeltaStepScalars<opmath_t<param_t>>&,                            \
+      const AdadeltaStepScalars<double>&,                                       \
       cudaStream_t);
 
 ADADELTA_INSTANTIATE_LAUNCH(float, float, float)

@@ -38,11 +38,12 @@ struct DeviceScalar {
   bool is_double;
 };
 
+// hyper in the kernel's opmath; the launch takes it in double and rounds it.
 template <typename opmath>
 struct AdadeltaStepScalars {
   AdadeltaHyperparams<opmath> hyper;
   DeviceScalar lr;  // when given, replaces hyper.lr
-  DeviceScalar grad_scale;  // when given, grads are divided by it and stored back
+  DeviceScalar grad_scale;  // when given, grads are unscaled by it and stored back
   DeviceScalar found_inf;  // when given and nonzero, nothing changes
 };
 
@@ -55,7 +56,7 @@ template <typename param_t, typename grad_t, typename state_t>
 cudaError_t launch_multi_tensor_adadelta(
     const AdadeltaTensorPointers* tensors,
     size_t count,
-    const AdadeltaStepScalars<opmath_t<param_t>>& scalars,
+    const AdadeltaStepScalars<double>& scalars,
     cudaStream_t stream);
 
 } // namespace adadelta_ext::cuda

@@ -69,18 +69,9 @@ void launch_group_as(
     const FusedAdadeltaOptions& options,
     const KernelScalars& scalars,
     cudaStream_t stream) {
-  using opmath = opmath_t<param_t>;
-  // Rounded to opmath as the CPU path rounds them; lr from a tensor is read
-  // (and rounded) by the kernel.
-  const AdadeltaStepScalars<opmath> step_scalars{
-      AdadeltaHyperparams<opmath>{
-          static_cast<opmath>(options.lr),
-          static_cast<opmath>(options.rho),
-          static_cast<opmath>(1.0 - options.rho),
-          static_cast<opmath>(options.eps),
-          static_cast<opmath>(options.weight_decay),
-          options.maximize,
-          options.weight_decay != 0},
+  // lr from a tensor is read (and rounded) by the kernel.
+  const AdadeltaStepScalars<double> step_scalars{
+      adadelta_hyperparams(options, options.lr),
       device_scalar(scalars.lr),
       device_scalar(scalars.grad_scale),
       device_scalar(scalars.found_inf)};

@@ -94,7 +94,11 @@ def test_compiled_training_step_matches_eager_fused_and_eager_torch(device, dtyp
 def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp32_state, lr_kind):
     """`torch.compile(optimizer.step, fullgraph=True)` traces without a graph break and, with the lr
     changed between steps as a scheduler would (a float: recompiles; a tensor: changed in place),
-    gives exactly what eager FusedAdadelta gives (rtol=0, atol=0: the same kernel runs)."""
+    gives exactly what eager FusedAdadelta gives (rtol=0, atol=0: the same kernel runs).
+
+    Dynamo traces every optimizer step with capturable=True, torch's own included, so with a
+    tensor lr the compiled step rounds as torch's capturable step does (param + update * (-lr)):
+    it is compared with an eager capturable step."""
     compiled_model, eager_model = twin_models(small_model(device, dtype))
     lr = torch.tensor(0.8, device=device) if lr_kind == "tensor_lr" else 0.8
     optimizers = [
@@ -103,6 +107,7 @@ def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp
             lr=optimizer_kwargs({"lr": lr}, device)["lr"],
             weight_decay=0.1,
             fp32_state=fp32_state,
+            capturable=model is eager_model and lr_kind == "tensor_lr",
         )
         for model in (compiled_model, eager_model)
     ]
