@@ -3,6 +3,15 @@
 With `_step_supports_amp_scaling`, GradScaler hands FusedAdadelta its scale and
 found_inf; the kernel unscales the grads in its own pass and skips the whole
 step (params, state, step counts) when found_inf is set, without a host sync.
+
+Against torch.optim.Adadelta under an identical GradScaler (TOLERANCES): on CUDA
+bit for bit, params, state, grads and scale after every step, as the kernel
+unscales as GradScaler.unscale_ does (times float(1 / double(scale)), rounded to
+the grad's dtype) and then rounds as torch's CUDA kernels do (see
+tests/optimizer/test_parity_with_torch.py); on the CPU within assert_close's
+defaults, as torch's float32 sqrt there is not correctly rounded. The models'
+backward runs with deterministic cuDNN kernels (`deterministic_cudnn`), so that
+equal params give equal grads.
 """
 
 from __future__ import annotations
@@ -14,11 +23,32 @@ from optim_testing import (
     assert_unchanged,
     model_input,
     optimizer_snapshot,
+    optimizer_state,
     small_model,
     twin_models,
 )
 
 from adadelta_ext import FusedAdadelta
+
+# FusedAdadelta against torch.optim.Adadelta, per device (see the module docstring).
+TOLERANCES = {"cpu": {}, "cuda": {"rtol": 0, "atol": 0}}
+
+# A scale that grows and backs off: doubled after every 2 steps without inf (growth_interval=2),
+# halved by the inf at POISON_STEP, whose step is skipped. EXPECTED_SCALES[i]: after step i's update().
+SCALER_OPTIONS = {"init_scale": 2.0**10, "growth_interval": 2}
+POISON_STEP = 3
+EXPECTED_SCALES = [2.0**10, 2.0**11, 2.0**11, 2.0**10, 2.0**10, 2.0**11, 2.0**11, 2.0**12]
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    """cuDNN convolutions that give the same bits every run (some backward algorithms add with
+    atomics, in any order), so that two models with equal params get equal grads. Through the
+    flags() context manager: torch.testing's internals, once imported, forbid setting the flags."""
+    with torch.backends.cudnn.flags(
+        enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True
+    ):
+        yield
 
 
 def scaled_training(model, optimizer, scaler, steps, separate_unscale, poison_step=None):
@@ -34,21 +64,39 @@ def scaled_training(model, optimizer, scaler, steps, separate_unscale, poison_st
         scaler.update()
 
 
+@pytest.mark.usefixtures("deterministic_cudnn")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("separate_unscale", [False, True], ids=["fused_unscale", "scaler_unscale"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_grad_scaler_matches_torch(device, separate_unscale):
-    fused_model, torch_model = twin_models(small_model(device))
+def test_grad_scaler_matches_torch(device, separate_unscale, dtype):
+    """Each under its own GradScaler, step by step: the same params, state, grads and scale
+    (TOLERANCES), the inf step skipped by both. (GradScaler unscales float32 and float64 grads;
+    float16 ones it refuses.)"""
+    tolerances = TOLERANCES[device]
+    fused_model, torch_model = twin_models(small_model(device, dtype))
     fused = FusedAdadelta(fused_model.parameters(), lr=0.5)
     reference = torch.optim.Adadelta(torch_model.parameters(), lr=0.5)
-    fused_scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
-    torch_scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
-    scaled_training(fused_model, fused, fused_scaler, 6, separate_unscale, poison_step=3)
-    scaled_training(torch_model, reference, torch_scaler, 6, separate_unscale, poison_step=3)
-    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict())
-    assert fused_scaler.get_scale() == torch_scaler.get_scale() == 2.0**9  # halved once, at the inf
-    # The unscaled grads are left in .grad, as scaler.unscale_ leaves them.
-    for ours, theirs in zip(fused_model.parameters(), torch_model.parameters(), strict=True):
-        torch.testing.assert_close(ours.grad, theirs.grad)
+    fused_scaler = torch.amp.GradScaler(device, **SCALER_OPTIONS)
+    torch_scaler = torch.amp.GradScaler(device, **SCALER_OPTIONS)
+    for step, expected_scale in enumerate(EXPECTED_SCALES):
+        poison_step = 0 if step == POISON_STEP else None
+        scaled_training(fused_model, fused, fused_scaler, 1, separate_unscale, poison_step)
+        scaled_training(torch_model, reference, torch_scaler, 1, separate_unscale, poison_step)
+
+        assert fused_scaler.get_scale() == torch_scaler.get_scale() == expected_scale, f"step {step}"
+        torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict(), **tolerances)
+        torch.testing.assert_close(
+            optimizer_state(fused), optimizer_state(reference), check_device=False, **tolerances
+        )
+        if step == POISON_STEP and not separate_unscale:
+            # Skipped in-kernel, FusedAdadelta leaves the grads scaled; torch's were unscaled by
+            # the scaler before it skipped the step. The next zero_grad() drops both.
+            continue
+        # The unscaled grads are left in .grad, as scaler.unscale_ leaves them.
+        for ours, theirs in zip(fused_model.parameters(), torch_model.parameters(), strict=True):
+            torch.testing.assert_close(ours.grad, theirs.grad, **tolerances)
+    # 7 steps taken, the inf one skipped.
+    assert all(fused.state[p]["step"].item() == len(EXPECTED_SCALES) - 1 for p in fused_model.parameters())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -104,12 +152,16 @@ def test_whole_training_step_replays_in_a_cuda_graph():
     assert all(graph_optimizer.state[p]["step"].item() == 8 for p in graph_model.parameters())
 
 
+@pytest.mark.usefixtures("deterministic_cudnn")
 @pytest.mark.cuda
 def test_capturable_with_cuda_tensor_lr_matches_torch():
+    """Bit for bit as torch's foreach path, which applies a tensor lr under capturable as
+    param + update * (-lr), two roundings, as FusedAdadelta does for an lr on the params' device
+    (torch's for-loop path fuses them into one: see tests/optimizer/test_parity_with_torch.py)."""
     fused_model, torch_model = twin_models(small_model("cuda"))
     fused = FusedAdadelta(fused_model.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True)
     reference = torch.optim.Adadelta(
-        torch_model.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True
+        torch_model.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True, foreach=True
     )
     inputs = model_input(fused_model)
     for model, optimizer in ((fused_model, fused), (torch_model, reference)):
@@ -117,7 +169,9 @@ def test_capturable_with_cuda_tensor_lr_matches_torch():
             optimizer.zero_grad()
             model(inputs).square().mean().backward()
             optimizer.step()
-    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict())
+    exact = TOLERANCES["cuda"]
+    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict(), **exact)
+    torch.testing.assert_close(optimizer_state(fused), optimizer_state(reference), **exact)
 
 
 @pytest.mark.slow
