@@ -2,13 +2,16 @@
 kernel too where torch has CUDA and nvcc is found.
 
 ADADELTA_EXT_CUDA=1 forces the CUDA build (and fails without CUDA), =0 skips it.
+TORCH_CUDA_ARCH_LIST ("7.5;8.6+PTX") picks the GPU architectures, as for torch's own extensions.
 ADADELTA_EXT_SANITIZE=1 builds with ASan and UBSan, CPU only (tools/sanitize.sh).
 Build with `pip install --no-build-isolation -e .` so the installed torch is used.
 """
 
 import os
 import platform
+import re
 import shutil
+import subprocess
 
 import torch
 from setuptools import find_packages, setup
@@ -89,6 +92,60 @@ class BuildExtensionPerIsa(BuildExtension):
         super().build_extension(ext)
 
 
+# The CUDA kernel is built for the GPUs torch runs on: those TORCH_CUDA_ARCH_LIST names when set
+# (torch's own variable, in its format: "7.5;8.6+PTX"), else those this torch was built for. Each
+# gets machine code, and the newest PTX too, which the driver compiles for newer GPUs. Where
+# neither names any (a CPU torch; an older torch where no GPU is visible), A100 (sm_80) and
+# H100 (sm_90), with sm_90's PTX.
+FALLBACK_CUDA_ARCHS = ["8.0", "9.0+PTX"]
+
+
+def requested_cuda_archs() -> list[str]:
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split()
+    return listed or torch.cuda.get_arch_list() or FALLBACK_CUDA_ARCHS
+
+
+def nvcc_gpu_names() -> set[str]:
+    """What the nvcc BuildExtension compiles with can build: sm_75, ..., compute_75, ..."""
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else "nvcc"
+    listings = [
+        subprocess.run([nvcc, option], capture_output=True, text=True, check=True).stdout
+        for option in ("--list-gpu-code", "--list-gpu-arch")
+    ]
+    return set(" ".join(listings).split())
+
+
+def cuda_arch_flags(archs: list[str], nvcc_builds: set[str]) -> list[str]:
+    """nvcc's -gencode flags: machine code for each of archs, PTX for those marked so and the newest.
+
+    archs as TORCH_CUDA_ARCH_LIST writes them ("8.6", "8.6+PTX") or torch.cuda.get_arch_list()
+    ("sm_86", "compute_86"); a variant such as 9.0a builds as its base, as the kernel uses no
+    architecture-specific instruction. Those this nvcc cannot build are dropped: a torch built
+    with CUDA 12 lists sm_50 to sm_70, which CUDA 13 no longer builds.
+    """
+    machine_code, ptx = set(), set()
+    for arch in archs:
+        if numbered := re.fullmatch(r"(\d+)\.(\d)[af]?(\+PTX)?", arch):
+            number = int(numbered[1] + numbered[2])
+            machine_code.add(number)
+            if numbered[3]:
+                ptx.add(number)
+        elif named := re.fullmatch(r"(sm|compute)_(\d+)[af]?", arch):
+            (machine_code if named[1] == "sm" else ptx).add(int(named[2]))
+        else:
+            raise ValueError(
+                f"unknown CUDA architecture {arch!r}: TORCH_CUDA_ARCH_LIST takes numbered ones, "
+                "as in '7.5;8.6+PTX' (names such as 'Ampere', and 'native', are not supported)"
+            )
+    machine_code = sorted(number for number in machine_code if f"sm_{number}" in nvcc_builds)
+    if not machine_code:
+        raise ValueError(f"nvcc builds none of the CUDA architectures {archs}")
+    ptx = sorted(number for number in ptx | {machine_code[-1]} if f"compute_{number}" in nvcc_builds)
+    return [f"-gencode=arch=compute_{number},code=sm_{number}" for number in machine_code] + [
+        f"-gencode=arch=compute_{number},code=compute_{number}" for number in ptx
+    ]
+
+
 def extension():
     sources = ["csrc/fused_adadelta.cpp", "csrc/fused_adadelta_inputs.cpp", "csrc/cpu/fused_adadelta_cpu.cpp"]
     # BuildExtensionPerIsa compiles the per-ISA kernels with these too.
@@ -105,13 +162,8 @@ def extension():
         )
     sources += ["csrc/cuda/fused_adadelta_cuda.cpp", "csrc/cuda/adadelta_cuda_launch.cu"]
     # No --use_fast_math: it changes sqrt and division and breaks parity with torch.
-    # Machine code for A100 (sm_80) and H100 (sm_90), and sm_90's PTX, which the
-    # driver compiles for GPUs newer than both.
-    nvcc_flags = (
-        ["-O3", "-lineinfo"]
-        + [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in ("80", "90")]
-        + ["-gencode=arch=compute_90,code=compute_90"]
-    )
+    # -gencode flags of our own: BuildExtension then adds none from TORCH_CUDA_ARCH_LIST.
+    nvcc_flags = ["-O3", "-lineinfo", *cuda_arch_flags(requested_cuda_archs(), nvcc_gpu_names())]
     return CUDAExtension(
         "adadelta_ext._C",
         sources,
@@ -120,8 +172,11 @@ def extension():
     )
 
 
-setup(
-    packages=find_packages(include=["adadelta_ext", "adadelta_ext.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtensionPerIsa},
-)
+# pip runs this file as __main__ (setuptools' build backend too): the tests import it for the
+# functions above without building.
+if __name__ == "__main__":
+    setup(
+        packages=find_packages(include=["adadelta_ext", "adadelta_ext.*"]),
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtensionPerIsa},
+    )

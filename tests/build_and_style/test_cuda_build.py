@@ -1,12 +1,14 @@
 """The CUDA sources compile on any machine with nvcc (a GPU is not needed).
 
-These tests are CI's proof that csrc/cuda builds: the kernel with nvcc for
-each architecture setup.py targets, the ATen glue with the host compiler against
-this torch's headers. They skip only where nvcc is not found.
+These tests are CI's proof that csrc/cuda builds: the kernel with nvcc for A100
+and H100 (sm_80, sm_90), the ATen glue with the host compiler against this
+torch's headers. They skip only where nvcc is not found. The architectures
+setup.py picks for a build are checked here too, without compiling.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -14,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +26,7 @@ GLUE_SOURCE = CUDA_DIR / "fused_adadelta_cuda.cpp"
 TORCH_FREE_SOURCES = ["adadelta_cuda_kernel.cuh", "adadelta_cuda_launch.cu", "adadelta_cuda_launch.h"]
 
 # As setup.py's CUDA build compiles the kernel: torch's own nvcc flags (they turn
-# off __half's implicit conversions), setup.py's, one of its architectures.
+# off __half's implicit conversions), setup.py's, one architecture at a time.
 NVCC_FLAGS = [*cpp_extension.COMMON_NVCC_FLAGS, "-O3", "-lineinfo"]
 ARCHITECTURES = ["80", "90"]
 # torch >= 2.4 (pyproject's floor) builds extensions as C++17, recent torch as C++20.
@@ -33,6 +36,15 @@ STANDARDS = ["c++17", "c++20"]
 # float32; float64 with float64 or float32 grads; float16 and bfloat16, each with grads and
 # state of their own dtype or float32.
 KERNEL_INSTANCES = 11
+
+# What CUDA 13.0's nvcc builds (`nvcc --list-gpu-code`, `--list-gpu-arch`): no sm_50 to sm_72.
+CUDA_13_BUILDS = {
+    f"{kind}_{number}"
+    for kind in ("sm", "compute")
+    for number in (75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121)
+}
+# torch.cuda.get_arch_list() of a torch built with CUDA 12: machine code down to sm_50.
+TORCH_CUDA_12_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 
 
 def find_nvcc() -> str:
@@ -137,5 +149,89 @@ def test_glue_compiles(tmp_path):
     for path in [*torch_includes, *cuda_include_dirs(nvcc)]:
         command += ["-isystem", path]
     command.append(str(GLUE_SOURCE))
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, compile_failure(command, result)
+
+
+def machine_code(number: int) -> str:
+    return f"-gencode=arch=compute_{number},code=sm_{number}"
+
+
+def ptx(number: int) -> str:
+    return f"-gencode=arch=compute_{number},code=compute_{number}"
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    """setup.py as a module: it builds only when run as a script, as pip runs it."""
+    spec = importlib.util.spec_from_file_location("adadelta_ext_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def selected_arch_flags(setup_py, monkeypatch, arch_list_env, torch_archs, nvcc_builds=CUDA_13_BUILDS):
+    """The -gencode flags setup.py picks with this TORCH_CUDA_ARCH_LIST, torch and nvcc."""
+    if arch_list_env is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list_env)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: torch_archs)
+    return setup_py.cuda_arch_flags(setup_py.requested_cuda_archs(), nvcc_builds)
+
+
+@pytest.mark.parametrize("arch_list_env", ["7.5;8.6+PTX", "7.5 8.6", " 7.5 ;8.6+PTX "])
+def test_arch_list_env_comes_first(setup_py, monkeypatch, arch_list_env):
+    flags = selected_arch_flags(setup_py, monkeypatch, arch_list_env, TORCH_CUDA_12_ARCHS)
+    assert flags == [machine_code(75), machine_code(86), ptx(86)]
+
+
+def test_torch_archs_and_newest_ptx(setup_py, monkeypatch):
+    flags = selected_arch_flags(setup_py, monkeypatch, None, TORCH_CUDA_12_ARCHS)
+    assert flags == [*map(machine_code, [75, 80, 86, 90, 100, 120]), ptx(120)]
+
+
+def test_archs_nvcc_cannot_build_are_dropped(setup_py, monkeypatch):
+    cuda_12_0_builds = {
+        f"{kind}_{number}" for kind in ("sm", "compute") for number in (50, 60, 70, 75, 80, 86, 90)
+    }
+    flags = selected_arch_flags(setup_py, monkeypatch, "6.0;10.0;12.0+PTX", [], cuda_12_0_builds)
+    assert flags == [machine_code(60), ptx(60)]
+    flags = selected_arch_flags(setup_py, monkeypatch, None, TORCH_CUDA_12_ARCHS, cuda_12_0_builds)
+    assert flags == [*map(machine_code, [50, 60, 70, 75, 80, 86, 90]), ptx(90)]
+
+
+def test_fallback_without_any_arch(setup_py, monkeypatch):
+    """A CPU torch lists none: A100 and H100, with sm_90's PTX."""
+    flags = selected_arch_flags(setup_py, monkeypatch, "", [])
+    assert flags == [machine_code(80), machine_code(90), ptx(90)]
+
+
+@pytest.mark.parametrize("arch_list_env", ["Ampere", "8.6;native", "8.6+ptx", "86"])
+def test_unknown_arch_is_an_error(setup_py, monkeypatch, arch_list_env):
+    with pytest.raises(ValueError, match="unknown CUDA architecture"):
+        selected_arch_flags(setup_py, monkeypatch, arch_list_env, [])
+
+
+def test_no_buildable_arch_is_an_error(setup_py, monkeypatch):
+    with pytest.raises(ValueError, match="nvcc builds none"):
+        selected_arch_flags(setup_py, monkeypatch, "5.0;6.1+PTX", [])
+
+
+def test_build_extension_adds_no_arch_flags(setup_py, monkeypatch):
+    """torch's BuildExtension adds TORCH_CUDA_ARCH_LIST's flags of its own unless -gencode is given."""
+    flags = selected_arch_flags(setup_py, monkeypatch, "7.5;8.6+PTX", [])
+    assert cpp_extension._get_cuda_arch_flags(["-O3"])  # it would add them
+    assert cpp_extension._get_cuda_arch_flags(["-O3", *flags]) == []
+
+
+def test_local_nvcc_builds_the_archs_picked(setup_py, monkeypatch, tmp_path):
+    """This nvcc's own listing read, and the flags picked from a CUDA 12 torch's list accepted."""
+    nvcc = find_nvcc()
+    nvcc_builds = setup_py.nvcc_gpu_names()
+    assert {"sm_80", "sm_90", "compute_90"} <= nvcc_builds
+    assert all(re.fullmatch(r"(sm|compute)_\d+[a-z]?", name) for name in nvcc_builds), nvcc_builds
+    flags = selected_arch_flags(setup_py, monkeypatch, None, TORCH_CUDA_12_ARCHS, nvcc_builds)
+    command = [nvcc, "--dryrun", *flags, "-x", "cu", "-c", os.devnull, "-o", os.devnull]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, compile_failure(command, result)
