@@ -67,6 +67,8 @@ def pytest_configure(config):
         raise pytest.UsageError(f"the tests import {path}, not the sanitized build")
 PYTHON
 
+# ADADELTA_EXT_SANITIZE=1 in the tests: the emulated CUDA kernel (tests/cuda_emulation.py) is
+# built with the sanitizers too.
 # The tests run once per CPU kernel build this CPU can run (without it, only the best would):
 # ATEN_CPU_CAPABILITY picks ATen's, which the kernel follows. The builds it can run are what
 # adadelta_ext.cpu_kernel_isas() says, asked of the normal build (tools/test.sh installs it).
@@ -83,7 +85,7 @@ reported=()
 for isa in $isas; do
   log=$OUT/pytest-$isa.log
   echo "== sanitize: ATEN_CPU_CAPABILITY=$isa pytest ${tests[*]} $*" | tee "$log"
-  ATEN_CPU_CAPABILITY=$isa SANITIZE_SITE=$SITE PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} \
+  ATEN_CPU_CAPABILITY=$isa SANITIZE_SITE=$SITE PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} ADADELTA_EXT_SANITIZE=1 \
     LD_PRELOAD="${runtimes[*]}" ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     "$python" -m pytest -q -rs -p no:cacheprovider -p sanitized_build_check -o pythonpath="$SITE" \
     --capture=sys "${tests[@]}" "$@" 2>&1 | tee -a "$log" || failed+=("$isa")

@@ -1,0 +1,187 @@
+"""The CUDA kernel, run on the CPU: csrc/cuda's launch and kernel compiled by the host C++ compiler
+against tests/emulated_cuda/'s CUDA headers (thread and block indices as loop variables, rounding
+intrinsics as the host's IEEE operations, the launch a loop over blocks and threads in a chosen
+order), so that CI, which has no GPU, executes the kernel's indexing and arithmetic.
+
+`EmulatedKernel()` builds the library once per source and flags (under build/emulated_cuda/) and
+loads it; `mutations` plants a bug in a copy of the sources, to show the tests catch it. With
+ADADELTA_EXT_SANITIZE=1 (tools/sanitize.sh sets it, and preloads the runtimes) it is built with
+AddressSanitizer and UBSan.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATION = ROOT / "tests" / "emulated_cuda"
+KERNEL_SOURCES = [
+    "csrc/adadelta_math.h",
+    "csrc/cuda/adadelta_cuda_kernel.cuh",
+    "csrc/cuda/adadelta_cuda_launch.h",
+]
+LAUNCH_SOURCE = "csrc/cuda/adadelta_cuda_launch.cu"
+
+FLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas"]
+SANITIZE_FLAGS = [
+    "-O1",
+    "-g",
+    "-fno-omit-frame-pointer",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+]
+
+# (param, grad, state) dtypes, numbered as harness.cpp's kInstances.
+INSTANCES = [
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float64, torch.float64, torch.float64),
+    (torch.float64, torch.float32, torch.float64),
+    (torch.float16, torch.float16, torch.float16),
+    (torch.float16, torch.float16, torch.float32),
+    (torch.float16, torch.float32, torch.float16),
+    (torch.float16, torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32, torch.float32),
+]
+ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
+CONVERSIONS = {"half_to_float": 0, "float_to_half": 1, "bfloat16_to_float": 2, "float_to_bfloat16": 3}
+
+
+def rewrite_launch(source: str) -> str:
+    """`kernel<...><<<grid, block, shared, stream>>>(args)` as `emulated_launch(kernel<...>, grid, ...,
+    args)`: the one change the host compiler needs."""
+    rewritten, count = re.subn(
+        r"(\w+<[^<>;]*>)\s*<<<(.+?)>>>\s*\(", r"emulated_launch(\1, \2, ", source, flags=re.DOTALL
+    )
+    assert count == 1, f"expected one kernel launch in {LAUNCH_SOURCE}, found {count}"
+    return rewritten
+
+
+class EmulatedKernel:
+    """The emulated CUDA launch, with `mutations`: {path: [(old, new), ...]} applied to the sources."""
+
+    def __init__(self, mutations: dict[str, list[tuple[str, str]]] | None = None):
+        sources = {path: (ROOT / path).read_text() for path in [*KERNEL_SOURCES, LAUNCH_SOURCE]}
+        for path, changes in (mutations or {}).items():
+            for old, new in changes:
+                assert sources[path].count(old) == 1, f"the mutation's text occurs once in {path}: {old!r}"
+                sources[path] = sources[path].replace(old, new)
+        sources[LAUNCH_SOURCE] = rewrite_launch(sources[LAUNCH_SOURCE])
+        sanitize = os.environ.get("ADADELTA_EXT_SANITIZE") == "1"
+        flags = FLAGS + (SANITIZE_FLAGS if sanitize else [])
+        emulation = {path.name: path.read_text() for path in sorted(EMULATION.iterdir())}
+        digest = hashlib.sha256(repr((sources, emulation, flags)).encode()).hexdigest()[:16]
+        directory = ROOT / "build" / "emulated_cuda" / digest
+        library = directory / "libemulated_cuda.so"
+        if not library.exists():
+            self._build(directory, library, sources, flags)
+        self.lib = ctypes.CDLL(str(library))
+        self.lib.emulated_fused_adadelta.restype = ctypes.c_int
+        self.lib.emulated_launch_grids.restype = ctypes.c_size_t
+
+    @staticmethod
+    def _build(directory: Path, library: Path, sources: dict[str, str], flags: list[str]) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+        for path, text in sources.items():
+            (directory / path).parent.mkdir(parents=True, exist_ok=True)
+            (directory / path).write_text(text)
+        partial = library.with_suffix(".partial")
+        command = [
+            os.environ.get("CXX", "c++"),
+            *flags,
+            f"-I{EMULATION}",
+            f'-DADADELTA_LAUNCH_SOURCE="{directory / LAUNCH_SOURCE}"',
+            str(EMULATION / "harness.cpp"),
+            "-o",
+            str(partial),
+        ]
+        # Not the compiler under the sanitizer runtimes tools/sanitize.sh preloads into the tests.
+        environment = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
+        result = subprocess.run(command, capture_output=True, text=True, env=environment)
+        assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
+        partial.rename(library)
+
+    def fused_adadelta_(
+        self,
+        params,
+        grads,
+        square_avgs,
+        acc_deltas,
+        state_steps,
+        *,
+        lr,
+        rho,
+        eps,
+        weight_decay,
+        maximize,
+        grad_scale=None,
+        found_inf=None,
+        round_lr_product=False,
+        order="forward",
+        seed=0,
+        max_argument_bytes=4096,
+    ) -> list[int]:
+        """What fused_adadelta_ does on CUDA, on CPU tensors (contiguous, real, checked by the caller):
+        one launch call per (param, grad, state) dtypes, as fused_adadelta_cuda.cpp makes. Returns
+        the grid size of every kernel launch."""
+        self.lib.emulated_configure(ORDERS[order], seed, ctypes.c_size_t(max_argument_bytes))
+        # As the glue, the kernel reads float32 or float64 scalars; `readable` holds the copies.
+        readable = [
+            value if value is None or value.dtype in (torch.float32, torch.float64) else value.float()
+            for value in (lr if isinstance(lr, torch.Tensor) else None, grad_scale, found_inf)
+        ]
+        scalars = []
+        for value in readable:
+            scalars += [None, 0] if value is None else [value.data_ptr(), int(value.dtype == torch.float64)]
+        number_lr = 0.0 if isinstance(lr, torch.Tensor) else lr
+        options = (ctypes.c_double * 4)(number_lr, rho, eps, weight_decay)
+        groups: dict[int, list[int]] = {}
+        for index, (param, grad, square_avg) in enumerate(zip(params, grads, square_avgs, strict=True)):
+            groups.setdefault(INSTANCES.index((param.dtype, grad.dtype, square_avg.dtype)), []).append(index)
+        for instance, indices in groups.items():
+            tensors = [(params[i], grads[i], square_avgs[i], acc_deltas[i], state_steps[i]) for i in indices]
+            assert all(t.is_contiguous() and t.device.type == "cpu" for row in tensors for t in row)
+            pointers = (ctypes.c_void_p * (5 * len(indices)))(*[t.data_ptr() for row in tensors for t in row])
+            step_is_double = (ctypes.c_ubyte * len(indices))(
+                *[int(row[4].dtype == torch.float64) for row in tensors]
+            )
+            numels = (ctypes.c_int64 * len(indices))(*[row[0].numel() for row in tensors])
+            error = self.lib.emulated_fused_adadelta(
+                instance,
+                ctypes.c_size_t(len(indices)),
+                pointers,
+                step_is_double,
+                numels,
+                options,
+                int(maximize),
+                int(round_lr_product),
+                *[ctypes.c_void_p(v) if i % 2 == 0 else ctypes.c_int(v) for i, v in enumerate(scalars)],
+            )
+            assert error == 0, f"the emulated launch returned cudaError_t {error}"
+        grids = (ctypes.c_uint * 4096)()
+        count = self.lib.emulated_launch_grids(grids, ctypes.c_size_t(4096))
+        return list(grids[: min(count, 4096)])
+
+    def convert(self, kind: str, values: torch.Tensor) -> torch.Tensor:
+        """The emulated __half/__nv_bfloat16 conversion `kind` (see CONVERSIONS) of a contiguous tensor:
+        int16 bit patterns to float32, or float32 to int16 bit patterns."""
+        to_float = kind.endswith("_to_float")
+        assert values.dtype == (torch.int16 if to_float else torch.float32) and values.is_contiguous()
+        out = torch.empty(values.shape, dtype=torch.float32 if to_float else torch.int16)
+        self.lib.emulated_convert(
+            CONVERSIONS[kind],
+            ctypes.c_void_p(values.data_ptr()),
+            ctypes.c_void_p(out.data_ptr()),
+            ctypes.c_size_t(values.numel()),
+        )
+        return out

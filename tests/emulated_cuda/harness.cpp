@@ -1,0 +1,110 @@
+// The CUDA kernel and its launch, compiled by the host compiler against this
+// folder's emulated CUDA headers, behind a C interface that
+// tests/cuda_emulation.py calls with ctypes. ADADELTA_LAUNCH_SOURCE is
+// csrc/cuda/adadelta_cuda_launch.cu with its one `<<<...>>>` rewritten into a
+// call of emulated_launch (cuda_runtime.h); the kernel it includes is unchanged.
+#include ADADELTA_LAUNCH_SOURCE
+
+#include <cstring>
+
+using adadelta_ext::AdadeltaHyperparams;
+using namespace adadelta_ext::cuda;
+
+namespace {
+
+using Launch = cudaError_t (*)(
+    const AdadeltaTensorPointers*, size_t, const AdadeltaStepScalars<double>&, cudaStream_t);
+
+// The instances fused_adadelta_cuda.cpp launches, numbered as
+// tests/cuda_emulation.py numbers (param, grad, state) dtypes.
+constexpr Launch kInstances[] = {
+    &launch_multi_tensor_adadelta<float, float, float>,
+    &launch_multi_tensor_adadelta<double, double, double>,
+    &launch_multi_tensor_adadelta<double, float, double>,
+    &launch_multi_tensor_adadelta<__half, __half, __half>,
+    &launch_multi_tensor_adadelta<__half, __half, float>,
+    &launch_multi_tensor_adadelta<__half, float, __half>,
+    &launch_multi_tensor_adadelta<__half, float, float>,
+    &launch_multi_tensor_adadelta<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>,
+    &launch_multi_tensor_adadelta<__nv_bfloat16, __nv_bfloat16, float>,
+    &launch_multi_tensor_adadelta<__nv_bfloat16, float, __nv_bfloat16>,
+    &launch_multi_tensor_adadelta<__nv_bfloat16, float, float>,
+};
+
+DeviceScalar device_scalar(const void* address, int is_double) {
+  return DeviceScalar{address, is_double != 0};
+}
+
+} // namespace
+
+extern "C" {
+
+// One call of the launch for `count` params of instance `instance`: pointers
+// holds param, grad, square_avg, acc_delta and step of each param in turn;
+// options holds lr, rho, eps and weight_decay. Scalar tensors are null when
+// not given. Returns the launch's cudaError_t.
+int emulated_fused_adadelta(
+    int instance,
+    size_t count,
+    void* const* pointers,
+    const unsigned char* step_is_double,
+    const int64_t* numels,
+    const double* options,
+    int maximize,
+    int round_lr_product,
+    const void* lr,
+    int lr_is_double,
+    const void* grad_scale,
+    int grad_scale_is_double,
+    const void* found_inf,
+    int found_inf_is_double) {
+  std::vector<AdadeltaTensorPointers> tensors(count);
+  for (size_t i = 0; i < count; ++i) {
+    void* const* p = pointers + 5 * i;
+    tensors[i] = AdadeltaTensorPointers{p[0], p[1], p[2], p[3], p[4], step_is_double[i] != 0, numels[i]};
+  }
+  const double rho = options[1];
+  const AdadeltaStepScalars<double> scalars{
+      AdadeltaHyperparams<double>{
+          options[0], rho, 1.0 - rho, options[2], options[3], maximize != 0, options[3] != 0,
+          1.0 - rho == 1.0, lr != nullptr && round_lr_product != 0},
+      device_scalar(lr, lr_is_double),
+      device_scalar(grad_scale, grad_scale_is_double),
+      device_scalar(found_inf, found_inf_is_double)};
+  return kInstances[instance](tensors.data(), count, scalars, nullptr);
+}
+
+// How the next launches run: order 0 ascending (block, thread), 1 descending,
+// 2 shuffled with `seed`; a launch whose arguments exceed max_argument_bytes fails.
+void emulated_configure(int order, unsigned int seed, size_t max_argument_bytes) {
+  emulated_launches.order = order;
+  emulated_launches.seed = seed;
+  emulated_launches.max_argument_bytes = max_argument_bytes;
+  emulated_launches.blocks.clear();
+}
+
+// The launches since emulated_configure: their count, and up to `capacity` grid sizes.
+size_t emulated_launch_grids(unsigned int* grids, size_t capacity) {
+  const size_t count = emulated_launches.blocks.size();
+  std::memcpy(grids, emulated_launches.blocks.data(), std::min(count, capacity) * sizeof(unsigned int));
+  return count;
+}
+
+// The emulated 16-bit conversions, over arrays: kind 0 half to float, 1 float
+// to half, 2 bfloat16 to float, 3 float to bfloat16.
+void emulated_convert(int kind, const void* input, void* output, size_t count) {
+  const auto* bits = static_cast<const uint16_t*>(input);
+  const auto* floats = static_cast<const float*>(input);
+  auto* out_bits = static_cast<uint16_t*>(output);
+  auto* out_floats = static_cast<float*>(output);
+  for (size_t i = 0; i < count; ++i) {
+    switch (kind) {
+      case 0: out_floats[i] = __half2float(__half{bits[i]}); break;
+      case 1: out_bits[i] = __float2half_rn(floats[i]).bits; break;
+      case 2: out_floats[i] = __bfloat162float(__nv_bfloat16{bits[i]}); break;
+      default: out_bits[i] = __float2bfloat16_rn(floats[i]).bits; break;
+    }
+  }
+}
+
+} // extern "C"

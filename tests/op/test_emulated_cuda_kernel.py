@@ -1,0 +1,235 @@
+"""The CUDA kernel, executed without a GPU: csrc/cuda's launch and kernel compiled by the host
+compiler against an emulated CUDA runtime (tests/cuda_emulation.py, tests/emulated_cuda/), run
+against the CPU op. Both round every op explicitly and alike (csrc/adadelta_math.h), so the
+assertion is bit-for-bit equality (NaN positions equal, every other bit pattern equal) for every
+(param, grad, state) dtype instance, sizes around the 16-byte vectors and 65536-element chunks,
+each pointer misaligned, more tensors than one launch holds, tensor scalars of both dtypes, shared
+step tensors, inf/NaN/subnormal inputs and any block and thread order. Every tensor sits between
+guard elements that must be unchanged: the kernel stays in bounds (tools/sanitize.sh also runs this
+file under AddressSanitizer and UBSan). The last test plants bugs in the kernel and checks that
+these comparisons catch each.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cuda_emulation import INSTANCES, EmulatedKernel
+
+from adadelta_ext import fused_adadelta_
+
+SIZES = [0, 1, 7, 8, 9, 65535, 65536, 65537, 200_000]
+ROLES = ("params", "grads", "square_avgs", "acc_deltas")
+GUARD = 16  # elements of sentinel before and after each tensor
+SENTINEL = -12345.0  # exact in every dtype
+OPTIONS = {"lr": 0.5, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.01, "maximize": False}
+# Options that take each branch of the update and each way scalars reach the kernel.
+OPTION_CASES = {
+    "defaults": {},
+    "maximize_without_weight_decay": {"maximize": True, "weight_decay": 0.0, "rho": 0.95},
+    "rho_zero": {"rho": 0.0, "lr": 1.0},  # 1 - rho == 1: the fused g*g of torch's addcmul
+    "float32_tensor_lr_capturable": {"lr": torch.tensor(0.3), "round_lr_product": True},
+    "float64_tensor_lr": {"lr": torch.tensor(0.3, dtype=torch.float64)},
+    "float32_grad_scale": {"grad_scale": torch.tensor(1024.0), "found_inf": torch.tensor(0.0)},
+    "float64_grad_scale_not_a_power_of_two": {
+        "grad_scale": torch.tensor(3.0, dtype=torch.float64),
+        "found_inf": torch.tensor(0.0, dtype=torch.float64),
+    },
+    "found_inf_skips_the_step": {"grad_scale": torch.tensor(8.0), "found_inf": torch.tensor(1.0)},
+}
+INSTANCE_IDS = ["-".join(str(d).removeprefix("torch.") for d in instance) for instance in INSTANCES]
+
+
+@pytest.fixture(scope="module")
+def kernel() -> EmulatedKernel:
+    return EmulatedKernel()
+
+
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    """inf, NaN, zeros, subnormals and the extremes of `dtype`."""
+    info = torch.finfo(dtype)
+    values = [float("inf"), float("-inf"), float("nan"), 0.0, -0.0, info.max, -info.max, info.tiny]
+    values += [info.tiny / 4, -info.tiny / 2, info.eps, 1e30 if dtype != torch.float16 else 6e4]
+    return torch.tensor(values, dtype=torch.float64).to(dtype)
+
+
+def guarded_lists(
+    sizes, instances, *, misaligned=(), special=False, shared_step=False, seed=0
+) -> tuple[dict[str, list[torch.Tensor]], list[tuple[torch.Tensor, int, int]]]:
+    """op lists (one entry per size, instances[i % len] giving its dtypes), each tensor a view into a
+    buffer of SENTINEL guards; the lists named in `misaligned` start one element later. `special`
+    scatters special_values into every tensor; `shared_step`: params 0 and 1 share a step tensor.
+    Returns the lists and (buffer, start, end) of every view, to check the guards with."""
+    generator = torch.Generator().manual_seed(seed)
+    lists = {role: [] for role in (*ROLES, "state_steps")}
+    views = []
+    for index, size in enumerate(sizes):
+        param_dtype, grad_dtype, state_dtype = instances[index % len(instances)]
+        for role, dtype in zip(ROLES, (param_dtype, grad_dtype, state_dtype, state_dtype), strict=True):
+            low, high = (-1.0, 1.0) if role in ("params", "grads") else (0.1, 1.0)
+            values = torch.empty(size, dtype=torch.float64).uniform_(low, high, generator=generator).to(dtype)
+            if special and size > 0:
+                spots = torch.randint(0, size, (len(special_values(dtype)),), generator=generator)
+                values[spots] = special_values(dtype)
+            start = GUARD + (1 if role in misaligned else 0)
+            buffer = torch.full((start + size + GUARD,), SENTINEL, dtype=dtype)
+            buffer[start : start + size] = values
+            lists[role].append(buffer[start : start + size])
+            views.append((buffer, start, start + size))
+        step_dtype = torch.float64 if index % 2 else torch.float32
+        lists["state_steps"].append(torch.tensor(3.0, dtype=step_dtype))
+    if shared_step:
+        lists["state_steps"][1] = lists["state_steps"][0]
+    return lists, views
+
+
+def copy_lists(lists, views):
+    """A copy of guarded_lists' output: the same values in new guarded buffers (steps shared alike)."""
+    buffers = {}
+    copied_views = []
+    for buffer, start, end in views:
+        copy = buffers.setdefault(id(buffer), buffer.clone())
+        copied_views.append((copy, start, end))
+    copied = {role: [] for role in lists}
+    # guarded_lists made the views param by param, role by role.
+    for view_index, (copy, start, end) in enumerate(copied_views):
+        copied[ROLES[view_index % len(ROLES)]].append(copy[start:end])
+    steps = {}
+    copied["state_steps"] = [steps.setdefault(id(step), step.clone()) for step in lists["state_steps"]]
+    return copied, copied_views
+
+
+def bit_differences(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """None if NaNs sit at the same places and every other element has the same bits."""
+    if actual.dtype != expected.dtype or actual.shape != expected.shape:
+        return f"{actual.dtype}{tuple(actual.shape)} vs {expected.dtype}{tuple(expected.shape)}"
+    nan = expected.isnan()
+    if not torch.equal(actual.isnan(), nan):
+        return f"NaN at {int((actual.isnan() != nan).sum())} other places"
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[expected.element_size()]
+    differ = (actual.view(bits) != expected.view(bits)) & ~nan
+    if differ.any():
+        first = int(differ.flatten().nonzero()[0])
+        return (
+            f"{int(differ.sum())} of {expected.numel()} elements differ, first at {first}: "
+            f"{actual.flatten()[first].item()!r} vs {expected.flatten()[first].item()!r}"
+        )
+    return None
+
+
+def mismatches(kernel, lists, views, options, *, order="forward", max_argument_bytes=4096) -> list[str]:
+    """Runs the emulated kernel on `lists` and the CPU op on a copy; every difference, named."""
+    cpu_lists, cpu_views = copy_lists(lists, views)
+    fused_adadelta_(*cpu_lists.values(), **options)
+    kernel.fused_adadelta_(*lists.values(), **options, order=order, max_argument_bytes=max_argument_bytes)
+    found = []
+    for role, tensors in lists.items():
+        for index, (ours, cpus) in enumerate(zip(tensors, cpu_lists[role], strict=True)):
+            difference = bit_differences(ours, cpus)
+            if difference:
+                found.append(f"{role}[{index}]: {difference}")
+    for device, guarded in (("emulated CUDA", views), ("CPU", cpu_views)):
+        for buffer, start, end in guarded:
+            if not (torch.cat([buffer[:start], buffer[end:]]) == SENTINEL).all():
+                found.append(f"{device}: a write outside a tensor of {end - start} elements")
+    return found
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_16_bit_conversions_round_as_torch_does_for_every_pattern(kernel, dtype):
+    """Every 16-bit pattern to float32, and to 16 bits from the float32 values that decide rounding:
+    each pattern's value, the midpoints between neighbours (ties to even) and the float32 values
+    next to each midpoint. torch rounds to nearest even as CUDA does; NaNs compare as NaN."""
+    name = "half" if dtype == torch.float16 else "bfloat16"
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = patterns.view(dtype).float()
+    assert bit_differences(kernel.convert(f"{name}_to_float", patterns), values) is None
+
+    finite = values[values.isfinite()].unique()  # sorted
+    midpoints = (finite[:-1].double() + finite[1:].double()).div(2).float()  # exact in float32
+    inf = torch.tensor([float("inf")])
+    probes = torch.cat(
+        [values, midpoints, midpoints.nextafter(inf), midpoints.nextafter(-inf), torch.tensor([1e38, -1e38])]
+    ).contiguous()
+    emulated = kernel.convert(f"float_to_{name}", probes).view(dtype)
+    assert bit_differences(emulated, probes.to(dtype)) is None
+
+
+@pytest.mark.parametrize("option_case", OPTION_CASES.keys())
+@pytest.mark.parametrize("instance", INSTANCES, ids=INSTANCE_IDS)
+def test_kernel_matches_cpu_op_bit_for_bit(kernel, instance, option_case):
+    """Every size, one dtype instance, each way of taking a step; launched in forward order."""
+    lists, views = guarded_lists(SIZES, [instance])
+    assert mismatches(kernel, lists, views, {**OPTIONS, **OPTION_CASES[option_case]}) == []
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffled"])
+@pytest.mark.parametrize("misaligned", [(role,) for role in ROLES] + [ROLES], ids=lambda r: "+".join(r))
+@pytest.mark.parametrize("instance", INSTANCES, ids=INSTANCE_IDS)
+def test_misaligned_tensors_in_any_block_and_thread_order(kernel, instance, misaligned, order):
+    """Each pointer one element off 16-byte alignment alone, and all four: the element-wise path."""
+    lists, views = guarded_lists(SIZES, [instance], misaligned=misaligned, seed=1)
+    assert mismatches(kernel, lists, views, OPTIONS, order=order) == []
+
+
+@pytest.mark.parametrize("instance", INSTANCES, ids=INSTANCE_IDS)
+def test_inf_nan_and_subnormal_inputs(kernel, instance):
+    lists, views = guarded_lists(SIZES, [instance], special=True, seed=2)
+    assert mismatches(kernel, lists, views, OPTIONS, order="shuffled") == []
+
+
+def test_more_tensors_than_one_launch_holds(kernel):
+    """150 tensors of two instances, interleaved: several launches of each, each launch limited to
+    4 KB of arguments (the emulated launch fails above that, as the driver does)."""
+    instances = [INSTANCES[0], INSTANCES[10]]
+    sizes = [(index * 7919) % 5000 for index in range(150)]
+    lists, views = guarded_lists(sizes, instances, seed=3)
+    assert mismatches(kernel, lists, views, OPTIONS, order="shuffled") == []
+    grids = kernel.fused_adadelta_(*copy_lists(lists, views)[0].values(), **OPTIONS)
+    assert len(grids) > len(instances), f"150 tensors of 2 instances took {len(grids)} launches"
+
+
+def test_params_sharing_a_step_tensor_each_add_one(kernel):
+    lists, views = guarded_lists([5, 70_000, 3], [INSTANCES[0]], shared_step=True, seed=4)
+    assert mismatches(kernel, lists, views, OPTIONS) == []
+    assert lists["state_steps"][0].item() == 5.0
+
+
+# Bugs a kernel change could bring, each planted in a copy of the sources: (file, text, replacement).
+PLANTED_BUGS = {
+    "chunk_count_one_short": (
+        "csrc/cuda/adadelta_cuda_launch.cu",
+        "(tensor.numel + kChunkElements - 1) / kChunkElements",
+        "(tensor.numel + kChunkElements - 2) / kChunkElements",
+    ),
+    "tensor_of_block_off_by_one": (
+        "csrc/cuda/adadelta_cuda_kernel.cuh",
+        "metadata.block_ends[middle] > block",
+        "metadata.block_ends[middle] >= block",
+    ),
+    "vector_path_one_vector_too_far": (
+        "csrc/cuda/adadelta_cuda_kernel.cuh",
+        "elementwise_begin = chunk_size / kVectorElements * kVectorElements;",
+        "elementwise_begin = (chunk_size + kVectorElements - 1) / kVectorElements * kVectorElements;",
+    ),
+    "fma_rounded_twice": (
+        "csrc/cuda/adadelta_cuda_kernel.cuh",
+        "return __fmaf_rn(a, b, c);",
+        "return __fadd_rn(__fmul_rn(a, b), c);",
+    ),
+}
+
+
+@pytest.mark.parametrize("bug", PLANTED_BUGS.keys())
+def test_a_planted_bug_is_caught(bug):
+    """The comparisons above (sizes, 150 tensors, a misaligned case) find each planted bug."""
+    path, text, replacement = PLANTED_BUGS[bug]
+    mutant = EmulatedKernel({path: [(text, replacement)]})
+    found = []
+    for case in (
+        guarded_lists(SIZES, [INSTANCES[0]]),
+        guarded_lists([(index * 7919) % 5000 for index in range(150)], [INSTANCES[0], INSTANCES[10]]),
+        guarded_lists(SIZES, [INSTANCES[7]], misaligned=ROLES),
+    ):
+        found += mismatches(mutant, *case, OPTIONS)
+    assert found, f"the planted bug {bug!r} went unnoticed"
