@@ -344,11 +344,11 @@ class FusedAdadelta(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for device, tensors in per_device:
+            # torch.optim.Adadelta's own roundings: a tensor lr (on any device) under capturable is
+            # applied as param + update * (-lr), anything else as one fused multiply-add.
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != device:
-                lr = lr.item()
-            # torch.optim.Adadelta's own roundings: a tensor lr under capturable is applied as
-            # param + update * (-lr), anything else as one fused multiply-add.
+                lr = lr.to(device) if group["capturable"] else lr.item()
             lr_options = {"round_lr_product": group["capturable"]} if isinstance(lr, Tensor) else {}
             yield (
                 tensors,

@@ -18,13 +18,9 @@ test_shapes_match_torch, test_non_contiguous_params), per device (TOLERANCES):
   without resync. One exception comes from torch itself: with capturable=True
   and a tensor lr, torch's foreach path computes `param + update * (-lr)` (two
   roundings) and its for-loop path `param.add_(update, alpha=-lr)` (one fused
-  multiply-add). FusedAdadelta rounds as the foreach path when the lr tensor is
-  on the params' device, and, as the for-loop path, when it is elsewhere (it
-  reads that lr as a number). PyTorch's "Tensor lr with capturable" config
-  holds its lr on the CPU, so for CUDA params that config is exact against the
-  for-loop path and keeps the default tolerances against foreach
-  (`torch_tolerances`; tests/optimizer/test_amp_and_cuda_graphs.py compares a
-  CUDA tensor lr with foreach, exactly).
+  multiply-add). FusedAdadelta rounds as the foreach path (torch's default on
+  CUDA), so there the for-loop comparison keeps the default tolerances
+  (`torch_tolerances`).
 - CPU: `assert_close`'s default tolerances (float32: rtol 1.3e-6, atol 1e-5;
   float64: rtol 1e-7, atol 1e-7). Bit-identity is impossible there: torch's
   float32 sqrt goes through MKL's vector math, which is not correctly rounded
@@ -138,17 +134,12 @@ def optimizer_tensors(optimizer, params) -> list[torch.Tensor]:
 def torch_tolerances(device: str, kwargs: dict, foreach: bool) -> dict:
     """TOLERANCES[device], unless torch's path and FusedAdadelta apply a tensor lr with different roundings.
 
-    Both round `update * (-lr)` before adding it to the param only with capturable=True and a
-    tensor lr: torch on its foreach path alone, FusedAdadelta only for an lr tensor on the params'
-    device (one on another device, as in PyTorch's "Tensor lr with capturable" config, is read as a
-    number: one fused multiply-add, as torch's for-loop path). Where they differ, a param can
-    differ by an ulp per step: assert_close's default tolerances.
+    With capturable=True and a tensor lr (on any device), FusedAdadelta, as torch's foreach path,
+    rounds `update * (-lr)` before adding it to the param; torch's for-loop path fuses the two. A
+    param can then differ by an ulp per step: assert_close's default tolerances.
     """
-    lr = kwargs.get("lr")
-    tensor_lr_under_capturable = kwargs.get("capturable", False) and isinstance(lr, torch.Tensor)
-    torch_rounds_lr_product = tensor_lr_under_capturable and foreach
-    fused_rounds_lr_product = tensor_lr_under_capturable and lr.device.type == device
-    if torch_rounds_lr_product != fused_rounds_lr_product:
+    tensor_lr = isinstance(kwargs.get("lr"), torch.Tensor)
+    if tensor_lr and kwargs.get("capturable", False) and not foreach:
         return {}
     return TOLERANCES[device]
 
