@@ -147,7 +147,12 @@ def cuda_arch_flags(archs: list[str], nvcc_builds: set[str]) -> list[str]:
 
 
 def extension():
-    sources = ["csrc/fused_adadelta.cpp", "csrc/fused_adadelta_inputs.cpp", "csrc/cpu/fused_adadelta_cpu.cpp"]
+    sources = [
+        "csrc/fused_adadelta.cpp",
+        "csrc/fused_adadelta_inputs.cpp",
+        "csrc/kept_step_lists.cpp",
+        "csrc/cpu/fused_adadelta_cpu.cpp",
+    ]
     # BuildExtensionPerIsa compiles the per-ISA kernels with these too.
     cxx_flags = ["-O1", "-fno-omit-frame-pointer", "-g", *SANITIZE_FLAGS] if SANITIZE else ["-O3"]
     link_flags = ["-fsanitize=address,undefined"] if SANITIZE else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -135,6 +136,7 @@ class FusedAdadelta(Optimizer):
         # An implementation choice, not a hyperparameter: kept out of param_groups
         # so that state_dict() has torch.optim.Adadelta's layout.
         self.fp32_state = fp32_state
+        self._kept = None  # see NOTE [Kept calls]
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -145,6 +147,7 @@ class FusedAdadelta(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("fp32_state", False)
+        self._kept = None
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("maximize", False)
@@ -235,6 +238,8 @@ class FusedAdadelta(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not torch.compiler.is_compiling() and self._step_kept_calls():
+            return loss
 
         # Undone if the step is refused: the params whose state this step created, and, four
         # tensors each, (param, step, square_avg, acc_delta) for state it converted.
@@ -243,11 +248,12 @@ class FusedAdadelta(Optimizer):
         replaced: list[Tensor] = []
         try:
             calls = []
+            group_calls = []
             for group in self.param_groups:
                 lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
                 self._init_group(group, *lists, created, replaced)
-                if lists[0]:
-                    calls.extend(self._kernel_calls(group, lists))
+                group_calls.append(list(self._kernel_calls(group, lists)) if lists[0] else [])
+                calls.extend(group_calls[-1])
             if len(calls) > 1:
                 # Several groups or devices: check every call before any changes a tensor.
                 for tensors, options in calls:
@@ -264,7 +270,77 @@ class FusedAdadelta(Optimizer):
                 p, *previous = replaced[index : index + 4]
                 self.state[p].update(zip(("step", *_STATE_KEYS), previous, strict=True))
             raise
+        if not torch.compiler.is_compiling():
+            self._keep_calls(group_calls)
         return loss
+
+    # NOTE [Kept calls]
+    # Building the op's lists costs Python work per param (its grad, its state, checks that the
+    # state still fits it) and converting them to C++ more: microseconds per param, most of a
+    # step for many small params. So after a step the lists stay in C++ (KeptStepLists,
+    # csrc/kept_step_lists.cpp), and the next step reuses them while nothing they came from
+    # changed: the same state dict and number of entries, the same params in every group (by
+    # identity), grads on the same params, and every param's dtype, device, shape and strides
+    # (checked in C++, which also reads the grads). Anything else takes the full path, which
+    # builds them anew. A state tensor replaced other than through load_state_dict (which makes a
+    # new state dict) is not seen: change state in place, or through load_state_dict.
+    def _keep_calls(self, group_calls: list[list[tuple[tuple[list[Tensor], ...], dict[str, Any]]]]) -> None:
+        """Keeps this step's op calls for the next step, where they can be kept (see NOTE [Kept calls])."""
+        self._kept = None
+        kept_groups = []
+        for group, calls in zip(self.param_groups, group_calls, strict=True):
+            stepped = {id(p) for tensors, _ in calls for p in tensors[0]}
+            without_grad = tuple(p for p in group["params"] if id(p) not in stepped)
+            kept_lists = []
+            for (params, _, square_avgs, acc_deltas, state_steps), _ in calls:
+                if not all(type(p) is torch.nn.Parameter or type(p) is Tensor for p in params):
+                    return  # DTensor (its grad is not its local tensor's) or another subclass
+                if any(p.is_complex() for p in params):
+                    return  # outside torch.compile's graph: the full path
+                lists = torch.classes.adadelta_ext.KeptStepLists(params, square_avgs, acc_deltas, state_steps)
+                kept_lists.append((lists, params[0].device))
+            kept_groups.append((tuple(group["params"]), without_grad, kept_lists))
+        self._kept = (self.state, len(self.state), self.fp32_state, kept_groups)
+
+    def _step_kept_calls(self) -> bool:
+        """Steps with the kept calls if they still hold (see NOTE [Kept calls]); False if not."""
+        if self._kept is None:
+            return False
+        state, state_size, fp32_state, kept_groups = self._kept
+        if (
+            state is not self.state
+            or len(state) != state_size
+            or fp32_state != self.fp32_state
+            or len(kept_groups) != len(self.param_groups)
+        ):
+            return False
+        calls = []
+        for group, (params, without_grad, kept_lists) in zip(self.param_groups, kept_groups, strict=True):
+            group_params = group["params"]
+            if len(group_params) != len(params) or not all(map(operator.is_, group_params, params)):
+                return False
+            if any(p.grad is not None for p in without_grad):
+                return False
+            calls += [(lists, self._call_options(group, device)) for lists, device in kept_lists]
+        if not all(lists.ready() for lists, _ in calls):
+            return False
+        # As the full path: with several calls, every one is checked before any changes a tensor.
+        for check_only in (True, False) if len(calls) > 1 else (False,):
+            for lists, options in calls:
+                lr = options["lr"]
+                lists.call(
+                    check_only,
+                    0.0 if isinstance(lr, Tensor) else lr,
+                    lr if isinstance(lr, Tensor) else None,
+                    options["rho"],
+                    options["eps"],
+                    options["weight_decay"],
+                    options["maximize"],
+                    options["grad_scale"],
+                    options["found_inf"],
+                    options.get("round_lr_product", False),
+                )
+        return True
 
     def _init_group(
         self,
@@ -341,25 +417,25 @@ class FusedAdadelta(Optimizer):
                 indices = [i for i, p in enumerate(params) if p.device == device]
                 per_device.append((device, tuple([t[i] for i in indices] for t in lists)))
 
+        for device, tensors in per_device:
+            yield tensors, self._call_options(group, device)
+
+    def _call_options(self, group: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """The op's options for the group's params on `device`."""
+        # torch.optim.Adadelta's own roundings: a tensor lr (on any device) under capturable is
+        # applied as param + update * (-lr), anything else as one fused multiply-add.
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.device != device:
+            lr = lr.to(device) if group["capturable"] else lr.item()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for device, tensors in per_device:
-            # torch.optim.Adadelta's own roundings: a tensor lr (on any device) under capturable is
-            # applied as param + update * (-lr), anything else as one fused multiply-add.
-            lr = group["lr"]
-            if isinstance(lr, Tensor) and lr.device != device:
-                lr = lr.to(device) if group["capturable"] else lr.item()
-            lr_options = {"round_lr_product": group["capturable"]} if isinstance(lr, Tensor) else {}
-            yield (
-                tensors,
-                {
-                    "lr": lr,
-                    **lr_options,
-                    "rho": group["rho"],
-                    "eps": group["eps"],
-                    "weight_decay": group["weight_decay"],
-                    "maximize": group["maximize"],
-                    "grad_scale": None if grad_scale is None else grad_scale.to(device, non_blocking=True),
-                    "found_inf": None if found_inf is None else found_inf.to(device, non_blocking=True),
-                },
-            )
+        return {
+            "lr": lr,
+            **({"round_lr_product": group["capturable"]} if isinstance(lr, Tensor) else {}),
+            "rho": group["rho"],
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "maximize": group["maximize"],
+            "grad_scale": None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+            "found_inf": None if found_inf is None else found_inf.to(device, non_blocking=True),
+        }

@@ -149,7 +149,7 @@ void check_options(
 // its first to one past its last element; ranges that intersect are taken to
 // share memory (conservative for interleaved views, exact for everything else).
 
-enum class Role { kParam, kGrad, kSquareAvg, kAccDelta, kStep };
+enum class Role : uint8_t { kParam, kGrad, kSquareAvg, kAccDelta, kStep };
 
 const char* role_name(Role role) {
   switch (role) {
@@ -170,21 +170,24 @@ const char* role_name(Role role) {
 struct MemoryRange {
   uintptr_t begin;
   uintptr_t end;
+  uint32_t index;
   Role role;
-  size_t index;
 };
 
 void add_range(std::vector<MemoryRange>& ranges, const at::Tensor& tensor, Role role, size_t index) {
   if (tensor.numel() == 0) {
     return;
   }
+  const at::IntArrayRef sizes = tensor.sizes();
+  const at::IntArrayRef strides = tensor.strides();
   int64_t last = 0;  // offset of the last element, in elements
-  for (int64_t dim = 0; dim < tensor.dim(); ++dim) {
-    last += (tensor.size(dim) - 1) * tensor.stride(dim);
+  for (size_t dim = 0; dim < sizes.size(); ++dim) {
+    last += (sizes[dim] - 1) * strides[dim];
   }
   const auto begin = reinterpret_cast<uintptr_t>(tensor.const_data_ptr());
   ranges.push_back(
-      {begin, begin + static_cast<uintptr_t>((last + 1) * tensor.element_size()), role, index});
+      {begin, begin + static_cast<uintptr_t>((last + 1) * tensor.element_size()),
+       static_cast<uint32_t>(index), role});
 }
 
 void check_no_internal_overlap(const at::Tensor& tensor, Role role, size_t index) {
