@@ -4,7 +4,10 @@ intrinsics as the host's IEEE operations, the launch a loop over blocks and thre
 order), so that CI, which has no GPU, executes the kernel's indexing and arithmetic.
 
 `EmulatedKernel()` builds the library once per source and flags (under build/emulated_cuda/) and
-loads it; `mutations` plants a bug in a copy of the sources, to show the tests catch it. With
+loads it; `mutations` plants a bug in a copy of the sources, to show the tests catch it, and
+`cudart_version` builds it as a toolkit of that version would (CUDA 13.0 by default). Each call runs
+on an `EmulatedDevice`, whose driver version and compute capability decide, as on a GPU, whether a
+launch may take 32 KB of arguments or 4 KB. With
 ADADELTA_EXT_SANITIZE=1 (tools/sanitize.sh sets it, and preloads the runtimes) it is built with
 AddressSanitizer and UBSan.
 """
@@ -17,7 +20,9 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -57,6 +62,30 @@ ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
 CONVERSIONS = {"half_to_float": 0, "float_to_half": 1, "bfloat16_to_float": 2, "float_to_bfloat16": 3}
 
 
+@dataclass(frozen=True)
+class EmulatedDevice:
+    """The GPU and driver a call runs on: a launch may take 32,764 bytes of arguments where the build's
+    toolkit and the driver are CUDA 12.1 or newer and the GPU is Volta (7.x) or newer, else 4,096."""
+
+    compute_capability_major: int = 9
+    driver_version: int = 13000  # 1000 * major + 10 * minor, as cudaDriverGetVersion reports
+
+
+HOPPER = EmulatedDevice()
+PASCAL = EmulatedDevice(compute_capability_major=6)
+# A CUDA 12.x build on a CUDA 12.0 (r525) driver, under minor version compatibility.
+OLD_DRIVER = EmulatedDevice(driver_version=12000)
+
+
+class Launch(NamedTuple):
+    blocks: int
+    argument_bytes: int
+
+
+class EmulatedLaunchError(RuntimeError):
+    """The launch function returned an error (a launch the emulated driver refused, for one)."""
+
+
 def rewrite_launch(source: str) -> str:
     """`kernel<...><<<grid, block, shared, stream>>>(args)` as `emulated_launch(kernel<...>, grid, ...,
     args)`: the one change the host compiler needs."""
@@ -70,7 +99,9 @@ def rewrite_launch(source: str) -> str:
 class EmulatedKernel:
     """The emulated CUDA launch, with `mutations`: {path: [(old, new), ...]} applied to the sources."""
 
-    def __init__(self, mutations: dict[str, list[tuple[str, str]]] | None = None):
+    def __init__(
+        self, mutations: dict[str, list[tuple[str, str]]] | None = None, *, cudart_version: int | None = None
+    ):
         sources = {path: (ROOT / path).read_text() for path in [*KERNEL_SOURCES, LAUNCH_SOURCE]}
         for path, changes in (mutations or {}).items():
             for old, new in changes:
@@ -79,6 +110,8 @@ class EmulatedKernel:
         sources[LAUNCH_SOURCE] = rewrite_launch(sources[LAUNCH_SOURCE])
         sanitize = os.environ.get("ADADELTA_EXT_SANITIZE") == "1"
         flags = FLAGS + (SANITIZE_FLAGS if sanitize else [])
+        if cudart_version is not None:
+            flags.append(f"-DCUDART_VERSION={cudart_version}")
         emulation = {path.name: path.read_text() for path in sorted(EMULATION.iterdir())}
         digest = hashlib.sha256(repr((sources, emulation, flags)).encode()).hexdigest()[:16]
         directory = ROOT / "build" / "emulated_cuda" / digest
@@ -87,7 +120,7 @@ class EmulatedKernel:
             self._build(directory, library, sources, flags)
         self.lib = ctypes.CDLL(str(library))
         self.lib.emulated_fused_adadelta.restype = ctypes.c_int
-        self.lib.emulated_launch_grids.restype = ctypes.c_size_t
+        self.lib.emulated_launches_made.restype = ctypes.c_size_t
 
     @staticmethod
     def _build(directory: Path, library: Path, sources: dict[str, str], flags: list[str]) -> None:
@@ -129,12 +162,14 @@ class EmulatedKernel:
         round_lr_product=False,
         order="forward",
         seed=0,
-        max_argument_bytes=4096,
-    ) -> list[int]:
+        device: EmulatedDevice = HOPPER,
+    ) -> list[Launch]:
         """What fused_adadelta_ does on CUDA, on CPU tensors (contiguous, real, checked by the caller):
-        one launch call per (param, grad, state) dtypes, as fused_adadelta_cuda.cpp makes. Returns
-        the grid size of every kernel launch."""
-        self.lib.emulated_configure(ORDERS[order], seed, ctypes.c_size_t(max_argument_bytes))
+        one launch call per (param, grad, state) dtypes, as fused_adadelta_cuda.cpp makes, on `device`.
+        Returns every kernel launch made; raises EmulatedLaunchError if a launch call fails."""
+        self.lib.emulated_configure(
+            ORDERS[order], seed, device.driver_version, device.compute_capability_major
+        )
         # As the glue, the kernel reads float32 or float64 scalars; `readable` holds the copies.
         readable = [
             value if value is None or value.dtype in (torch.float32, torch.float64) else value.float()
@@ -167,10 +202,14 @@ class EmulatedKernel:
                 int(round_lr_product),
                 *[ctypes.c_void_p(v) if i % 2 == 0 else ctypes.c_int(v) for i, v in enumerate(scalars)],
             )
-            assert error == 0, f"the emulated launch returned cudaError_t {error}"
-        grids = (ctypes.c_uint * 4096)()
-        count = self.lib.emulated_launch_grids(grids, ctypes.c_size_t(4096))
-        return list(grids[: min(count, 4096)])
+            if error != 0:
+                raise EmulatedLaunchError(f"the emulated launch returned cudaError_t {error}")
+        capacity = 4096
+        grids = (ctypes.c_uint * capacity)()
+        argument_bytes = (ctypes.c_size_t * capacity)()
+        count = self.lib.emulated_launches_made(grids, argument_bytes, ctypes.c_size_t(capacity))
+        assert count <= capacity, f"{count} launches"
+        return [Launch(grids[i], argument_bytes[i]) for i in range(count)]
 
     def convert(self, kind: str, values: torch.Tensor) -> torch.Tensor:
         """The emulated __half/__nv_bfloat16 conversion `kind` (see CONVERSIONS) of a contiguous tensor:

@@ -4,11 +4,26 @@
 // argument. Launched by adadelta_cuda_launch.cu.
 //
 // NOTE: why not ATen's MultiTensorApply.cuh. It is the model (metadata by
-// value, chunks, 16-byte vectors where aligned), but it includes ATen, so a
-// kernel built on it compiles only against a CUDA build of torch. This kernel
-// includes no torch header: nvcc compiles it alone, which lets CI (a CPU
-// torch) build it for every architecture and check its PTX, and lets the math
-// of adadelta_math.h be shared with the CPU kernel unchanged.
+// value, chunks, 16-byte vectors where aligned, and since torch 2.5 its 32 KB
+// argument layout, chosen as below), but it includes ATen, so a kernel built
+// on it compiles only against a CUDA build of torch. This kernel includes no
+// torch header: nvcc compiles it alone, which lets CI (a CPU torch) build it
+// for every architecture and check its PTX, and lets the math of
+// adadelta_math.h be shared with the CPU kernel unchanged.
+//
+// NOTE [Two argument layouts]
+// Kernel arguments may take 32,764 bytes where the toolkit is CUDA 12.1 or
+// newer (CUDART_VERSION >= 12010), the driver is too (12.1, r530: a 12.x
+// build may run on an older 12.x driver under minor version compatibility)
+// and the GPU is Volta (sm_70) or newer; elsewhere 4,096 bytes. One launch
+// holds 616 tensors in the first layout, 75 in the second
+// (MultiTensorLaunchMetadata<kArgumentBytes>). The launch picks the layout at
+// run time (large_kernel_arguments_supported in adadelta_cuda_launch.cu); a
+// CUDA 12.1+ build compiles both kernels for every Volta+ architecture, and
+// for older ones only the 4 KB kernel: ptxas rejects an entry with over 4 KB
+// of parameters there, so the 32 KB kernel is only declared, and never
+// launched, in their device code. A build with an older toolkit has the 4 KB
+// layout only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -16,6 +31,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../adadelta_math.h"
 #include "adadelta_cuda_launch.h"
@@ -23,37 +39,68 @@
 namespace adadelta_ext::cuda {
 
 // With IEEE sqrt and division (no fast math: parity with torch) a thread
-// takes 48 (float) to 72 (double) registers; blocks of 256 fill an SM's
+// takes 48 (float) to 68 (double) registers; blocks of 256 fill an SM's
 // register file more fully at those counts than blocks of 512 do.
 constexpr int kThreadsPerBlock = 256;
-constexpr int kChunkElements = 65536;
+// Small enough that a few mid-sized tensors still make blocks for every SM
+// (one 1M-element tensor: 245 blocks), large enough that a block's start
+// (the scalars, the search for its tensor) is a few percent of its work.
+constexpr int kChunkElements = 4096;
 // Elements per thread per pass of the element-wise path: its loads of one
 // pass are independent, so they are in flight together.
 constexpr int kElementwiseIlp = 4;
-constexpr int kMaxTensorsPerLaunch = 64;
 constexpr int64_t kMaxBlocksPerLaunch = 2147483647;  // gridDim.x limit
+
+// The kernel argument limits of NOTE [Two argument layouts].
+constexpr int kSmallArgumentBytes = 4096;
+constexpr int kLargeArgumentBytes = 32764;
+// Volta: the first architecture with 32 KB of kernel arguments. A macro only
+// so that CI, whose nvcc builds nothing older than sm_75, can compile the
+// pre-Volta device code path (tests/build_and_style/test_cuda_build.py).
+#ifndef ADADELTA_EXT_LARGE_ARGUMENTS_MIN_ARCH
+#define ADADELTA_EXT_LARGE_ARGUMENTS_MIN_ARCH 700
+#endif
+
+// Bytes of metadata per tensor: five pointers, numel, block end, step dtype.
+constexpr int kMetadataBytesPerTensor =
+    5 * sizeof(void*) + sizeof(int64_t) + sizeof(int32_t) + sizeof(bool);
+
+// The most tensors whose metadata fits in argument_bytes beside the scalars
+// (and tensor_count, with its padding).
+constexpr int max_tensors_per_launch(int argument_bytes) {
+  return (argument_bytes - static_cast<int>(sizeof(AdadeltaStepScalars<double>)) - 16) /
+      kMetadataBytesPerTensor;
+}
 
 // What one launch updates. Blocks are numbered through the tensors in order:
 // tensor i owns blocks [block_ends[i - 1], block_ends[i]) (from 0 for i = 0),
 // one per chunk; a zero-element tensor owns one block, which only increments
 // its step. A tensor never spans two launches, so its step is incremented
 // once, by the block of its chunk 0.
+template <int kArgumentBytes>
 struct MultiTensorLaunchMetadata {
-  void* params[kMaxTensorsPerLaunch];
-  void* grads[kMaxTensorsPerLaunch];
-  void* square_avgs[kMaxTensorsPerLaunch];
-  void* acc_deltas[kMaxTensorsPerLaunch];
-  void* steps[kMaxTensorsPerLaunch];
-  int64_t numels[kMaxTensorsPerLaunch];
-  int32_t block_ends[kMaxTensorsPerLaunch];
-  bool step_is_double[kMaxTensorsPerLaunch];
+  static constexpr int kMaxTensors = max_tensors_per_launch(kArgumentBytes);
+  void* params[kMaxTensors];
+  void* grads[kMaxTensors];
+  void* square_avgs[kMaxTensors];
+  void* acc_deltas[kMaxTensors];
+  void* steps[kMaxTensors];
+  int64_t numels[kMaxTensors];
+  int32_t block_ends[kMaxTensors];
+  bool step_is_double[kMaxTensors];
   int tensor_count;
 };
 
-// 4 KB is the kernel argument limit on every CUDA version and driver.
+static_assert(MultiTensorLaunchMetadata<kSmallArgumentBytes>::kMaxTensors == 75);
+static_assert(MultiTensorLaunchMetadata<kLargeArgumentBytes>::kMaxTensors == 616);
 static_assert(
-    sizeof(MultiTensorLaunchMetadata) + sizeof(AdadeltaStepScalars<double>) <= 4096,
-    "the kernel's arguments must fit in 4 KB");
+    sizeof(MultiTensorLaunchMetadata<kSmallArgumentBytes>) +
+            sizeof(AdadeltaStepScalars<double>) <= kSmallArgumentBytes,
+    "the 4 KB layout's arguments must fit in 4,096 bytes");
+static_assert(
+    sizeof(MultiTensorLaunchMetadata<kLargeArgumentBytes>) +
+            sizeof(AdadeltaStepScalars<double>) <= kLargeArgumentBytes,
+    "the 32 KB layout's arguments must fit in 32,764 bytes");
 
 __device__ __forceinline__ float to_opmath(float value) {
   return value;
@@ -263,9 +310,8 @@ __device__ __forceinline__ bool is_16_byte_aligned(const void* pointer) {
 }
 
 // The tensor owning `block`: the first whose block_ends[] exceeds it.
-__device__ __forceinline__ int tensor_of_block(
-    const MultiTensorLaunchMetadata& metadata,
-    int block) {
+template <typename Metadata>
+__device__ __forceinline__ int tensor_of_block(const Metadata& metadata, int block) {
   int low = 0;
   int high = metadata.tensor_count - 1;
   while (low < high) {
@@ -279,13 +325,13 @@ __device__ __forceinline__ int tensor_of_block(
   return low;
 }
 
-// Launched with kThreadsPerBlock threads and one block per chunk (see
-// MultiTensorLaunchMetadata). __grid_constant__ lets device functions take
-// the arguments by reference without a copy to local memory.
-template <typename param_t, typename grad_t, typename state_t>
-__global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_adadelta_kernel(
-    const __grid_constant__ MultiTensorLaunchMetadata metadata,
-    const __grid_constant__ AdadeltaStepScalars<opmath_t<param_t>> scalars) {
+// The work of one block: one chunk (see MultiTensorLaunchMetadata), in
+// either layout. Taken by reference from the kernel's __grid_constant__
+// arguments, which are read in place, not copied to local memory.
+template <typename param_t, typename grad_t, typename state_t, typename Metadata>
+__device__ __forceinline__ void update_chunk_of_block(
+    const Metadata& metadata,
+    const AdadeltaStepScalars<opmath_t<param_t>>& scalars) {
   using opmath = opmath_t<param_t>;
   // The scalars are read before any branch on them, so their loads overlap.
   StepValues<opmath> step{scalars.hyper, scalars.grad_scale.address != nullptr, opmath(1)};
@@ -344,5 +390,35 @@ __global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_adadelta_kernel
     }
   }
 }
+
+// Launched with kThreadsPerBlock threads and one block per chunk, in the
+// layout of kArgumentBytes (NOTE [Two argument layouts]): the 4 KB one
+// compiles for every architecture,
+template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes>
+__launch_bounds__(kThreadsPerBlock) __global__
+    std::enable_if_t<(kArgumentBytes <= kSmallArgumentBytes)> multi_tensor_adadelta_kernel(
+        const __grid_constant__ MultiTensorLaunchMetadata<kArgumentBytes> metadata,
+        const __grid_constant__ AdadeltaStepScalars<opmath_t<param_t>> scalars) {
+  update_chunk_of_block<param_t, grad_t, state_t>(metadata, scalars);
+}
+
+// the 32 KB one for Volta and newer, and is declared only for older ones.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= ADADELTA_EXT_LARGE_ARGUMENTS_MIN_ARCH
+template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes>
+__launch_bounds__(kThreadsPerBlock) __global__
+    std::enable_if_t<(kArgumentBytes > kSmallArgumentBytes)> multi_tensor_adadelta_kernel(
+        const __grid_constant__ MultiTensorLaunchMetadata<kArgumentBytes> metadata,
+        const __grid_constant__ AdadeltaStepScalars<opmath_t<param_t>> scalars) {
+  update_chunk_of_block<param_t, grad_t, state_t>(metadata, scalars);
+}
+#else
+#pragma nv_diag_suppress 114  // "function was referenced but not defined"
+template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes>
+__launch_bounds__(kThreadsPerBlock) __global__
+    std::enable_if_t<(kArgumentBytes > kSmallArgumentBytes)> multi_tensor_adadelta_kernel(
+        const __grid_constant__ MultiTensorLaunchMetadata<kArgumentBytes> metadata,
+        const __grid_constant__ AdadeltaStepScalars<opmath_t<param_t>> scalars);
+#pragma nv_diag_default 114
+#endif
 
 } // namespace adadelta_ext::cuda

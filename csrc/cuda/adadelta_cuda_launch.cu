@@ -1,6 +1,7 @@
 // The launch of the multi-tensor Adadelta kernel (adadelta_cuda_kernel.cuh):
-// fills launch metadata from a list of tensors and launches the kernel each
-// time it is full. No torch header: fused_adadelta_cuda.cpp calls in through
+// fills launch metadata from a list of tensors, in the larger of the two
+// argument layouts the device takes, and launches the kernel each time it is
+// full. No torch header: fused_adadelta_cuda.cpp calls in through
 // adadelta_cuda_launch.h.
 #include <algorithm>
 
@@ -8,24 +9,43 @@
 #include "adadelta_cuda_launch.h"
 
 namespace adadelta_ext::cuda {
+namespace {
 
-template <typename param_t, typename grad_t, typename state_t>
-cudaError_t launch_multi_tensor_adadelta(
+// Whether the current device takes kernels of the 32 KB layout (NOTE [Two
+// argument layouts] in adadelta_cuda_kernel.cuh): a driver of CUDA 12.1 or
+// newer and a GPU of Volta or newer. Asked at every call, as cheap as reading
+// a cached value, so no state is kept; none of these calls is a stream
+// operation, so a step may be captured in a CUDA graph.
+[[maybe_unused]] cudaError_t large_kernel_arguments_supported(bool* supported) {
+  int driver_version = 0;
+  int device = 0;
+  int compute_capability_major = 0;
+  cudaError_t error = cudaDriverGetVersion(&driver_version);
+  if (error == cudaSuccess) {
+    error = cudaGetDevice(&device);
+  }
+  if (error == cudaSuccess) {
+    error = cudaDeviceGetAttribute(
+        &compute_capability_major, cudaDevAttrComputeCapabilityMajor, device);
+  }
+  *supported = driver_version >= 12010 && compute_capability_major >= 7;
+  return error;
+}
+
+// Fills metadata of the layout of kArgumentBytes from the tensors and
+// launches the kernel each time it is full.
+template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes>
+cudaError_t launch_in_layout(
     const AdadeltaTensorPointers* tensors,
     size_t count,
-    const AdadeltaStepScalars<double>& scalars_in_double,
+    const AdadeltaStepScalars<opmath_t<param_t>>& scalars,
     cudaStream_t stream) {
-  using opmath = opmath_t<param_t>;
-  const AdadeltaStepScalars<opmath> scalars{
-      hyperparams_as<opmath>(scalars_in_double.hyper),
-      scalars_in_double.lr,
-      scalars_in_double.grad_scale,
-      scalars_in_double.found_inf};
-  MultiTensorLaunchMetadata metadata{};
+  using Metadata = MultiTensorLaunchMetadata<kArgumentBytes>;
+  Metadata metadata{};
   int64_t blocks = 0;
   // Launches the tensors metadata holds, then empties it.
   const auto launch = [&]() {
-    multi_tensor_adadelta_kernel<param_t, grad_t, state_t>
+    multi_tensor_adadelta_kernel<param_t, grad_t, state_t, kArgumentBytes>
         <<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
             metadata, scalars);
     metadata.tensor_count = 0;
@@ -41,7 +61,7 @@ cudaError_t launch_multi_tensor_adadelta(
     if (chunks > kMaxBlocksPerLaunch) {
       return cudaErrorInvalidValue;  // over 2^31 chunks: more than one launch's grid
     }
-    if (metadata.tensor_count == kMaxTensorsPerLaunch ||
+    if (metadata.tensor_count == Metadata::kMaxTensors ||
         blocks + chunks > kMaxBlocksPerLaunch) {
       const cudaError_t error = launch();
       if (error != cudaSuccess) {
@@ -60,6 +80,35 @@ cudaError_t launch_multi_tensor_adadelta(
     metadata.block_ends[slot] = static_cast<int32_t>(blocks);
   }
   return metadata.tensor_count == 0 ? cudaSuccess : launch();
+}
+
+} // namespace
+
+template <typename param_t, typename grad_t, typename state_t>
+cudaError_t launch_multi_tensor_adadelta(
+    const AdadeltaTensorPointers* tensors,
+    size_t count,
+    const AdadeltaStepScalars<double>& scalars_in_double,
+    cudaStream_t stream) {
+  using opmath = opmath_t<param_t>;
+  const AdadeltaStepScalars<opmath> scalars{
+      hyperparams_as<opmath>(scalars_in_double.hyper),
+      scalars_in_double.lr,
+      scalars_in_double.grad_scale,
+      scalars_in_double.found_inf};
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+  bool large = false;
+  const cudaError_t error = large_kernel_arguments_supported(&large);
+  if (error != cudaSuccess) {
+    return error;
+  }
+  if (large) {
+    return launch_in_layout<param_t, grad_t, state_t, kLargeArgumentBytes>(
+        tensors, count, scalars, stream);
+  }
+#endif
+  return launch_in_layout<param_t, grad_t, state_t, kSmallArgumentBytes>(
+      tensors, count, scalars, stream);
 }
 
 #define ADADELTA_INSTANTIATE_LAUNCH(param_t, grad_t, state_t)                   \

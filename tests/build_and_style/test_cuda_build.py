@@ -1,9 +1,11 @@
 """The CUDA sources compile on any machine with nvcc (a GPU is not needed).
 
 These tests are CI's proof that csrc/cuda builds: the kernel with nvcc for A100
-and H100 (sm_80, sm_90), the ATen glue with the host compiler against this
-torch's headers. They skip only where nvcc is not found. The architectures
-setup.py picks for a build are checked here too, without compiling.
+and H100 (sm_80, sm_90), in both argument layouts (32 KB and 4 KB), and the
+device code a pre-Volta architecture gets; the ATen glue with the host compiler
+against this torch's headers. They skip only where nvcc is not found. The
+architectures setup.py picks for a build are checked here too, without
+compiling.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ STANDARDS = ["c++17", "c++20"]
 
 # The kernel's template instances: one per (param, grad, state) dtype triple the op accepts:
 # float32; float64 with float64 or float32 grads; float16 and bfloat16, each with grads and
-# state of their own dtype or float32.
+# state of their own dtype or float32. Each in two argument layouts where nvcc is CUDA 12.1 or
+# newer (see NOTE [Two argument layouts] in adadelta_cuda_kernel.cuh).
 KERNEL_INSTANCES = 11
+SMALL_ARGUMENTS, LARGE_ARGUMENTS = 4096, 32764  # bytes
 
 # What CUDA 13.0's nvcc builds (`nvcc --list-gpu-code`, `--list-gpu-arch`): no sm_50 to sm_72.
 CUDA_13_BUILDS = {
@@ -73,6 +77,51 @@ def compile_failure(command: list[str], result: subprocess.CompletedProcess) -> 
     return f"{' '.join(command)}\nexited {result.returncode}:\n{result.stdout}{result.stderr}"
 
 
+def nvcc_version(nvcc: str) -> tuple[int, int]:
+    result = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    found = re.search(r"release (\d+)\.(\d+)", result.stdout)
+    assert found, f"nvcc --version names no release:\n{result.stdout}{result.stderr}"
+    return int(found.group(1)), int(found.group(2))
+
+
+def compile_kernel(nvcc: str, arch: str, standard: str, tmp_path: Path, *defines: str) -> tuple[str, str]:
+    """The kernel's translation unit compiled for sm_<arch>: ptxas's report and the PTX."""
+    command = [
+        nvcc,
+        f"-std={standard}",
+        *NVCC_FLAGS,
+        *defines,
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        "-Xptxas",
+        "-v",
+        "--keep",  # leaves the PTX in tmp_path
+        "--keep-dir",
+        str(tmp_path),
+        "-c",
+        str(KERNEL_SOURCE),
+        "-o",
+        str(tmp_path / "adadelta_cuda_launch.o"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, compile_failure(command, result)
+    [ptx_file] = tmp_path.glob("*.ptx")
+    return result.stderr, ptx_file.read_text()
+
+
+def ptx_kernels(ptx: str) -> dict[str, str]:
+    """Each kernel entry's PTX, by name."""
+    kernels = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
+    return {kernel.split("(", 1)[0]: kernel for kernel in kernels}
+
+
+def argument_bytes(kernel: str) -> int:
+    """The bytes of a kernel's parameters: its two, the metadata and the scalars, are byte arrays."""
+    parameters = kernel.split("(", 1)[1].split(")", 1)[0]
+    sizes = re.findall(r"\.param\s+\.align\s+\d+\s+\.b8\s+\w+\[(\d+)\]", parameters)
+    assert len(sizes) == 2, parameters
+    return sum(map(int, sizes))
+
+
 def test_kernel_sources_include_no_torch_header():
     # nvcc compiles them alone, against no torch: the glue is the only ATen code.
     for name in TORCH_FREE_SOURCES:
@@ -84,45 +133,46 @@ def test_kernel_sources_include_no_torch_header():
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_kernel_compiles_without_spills(arch, standard, tmp_path):
     nvcc = find_nvcc()
-    command = [
-        nvcc,
-        f"-std={standard}",
-        *NVCC_FLAGS,
-        f"-gencode=arch=compute_{arch},code=sm_{arch}",
-        "-Xptxas",
-        "-v",
-        "--keep",  # leaves the PTX in tmp_path for the check below
-        "--keep-dir",
-        str(tmp_path),
-        "-c",
-        str(KERNEL_SOURCE),
-        "-o",
-        str(tmp_path / "adadelta_cuda_launch.o"),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, compile_failure(command, result)
+    ptxas_report, ptx = compile_kernel(nvcc, arch, standard, tmp_path)
 
     # ptxas -v reports each kernel's stack frame and spills: local memory in a
     # bandwidth-bound kernel costs as much as the tensors' own traffic.
     frames = re.findall(
-        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_report
     )
-    assert len(frames) >= KERNEL_INSTANCES, result.stderr
-    assert all(frame == ("0", "0", "0") for frame in frames), result.stderr
+    assert len(frames) >= KERNEL_INSTANCES, ptxas_report
+    assert all(frame == ("0", "0", "0") for frame in frames), ptxas_report
 
-    # Every instance has its 16-byte path: a 128-bit load and store per tensor.
-    [ptx_file] = tmp_path.glob("*.ptx")
-    ptx = ptx_file.read_text()
-    kernels = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
-    assert len(kernels) == KERNEL_INSTANCES
-    for kernel in kernels:
-        name = kernel.split("(", 1)[0]
+    # Every instance in the 4 KB layout, and from CUDA 12.1 in the 32 KB one too.
+    kernels = ptx_kernels(ptx)
+    sizes = sorted(argument_bytes(kernel) for kernel in kernels.values())
+    small = [size for size in sizes if size <= SMALL_ARGUMENTS]
+    large = [size for size in sizes if SMALL_ARGUMENTS < size <= LARGE_ARGUMENTS]
+    assert len(small) == KERNEL_INSTANCES, sizes
+    assert len(large) == (KERNEL_INSTANCES if nvcc_version(nvcc) >= (12, 1) else 0), sizes
+    assert len(kernels) == len(small) + len(large), sizes
+
+    # Every kernel has its 16-byte path: a 128-bit load and store per tensor.
+    for name, kernel in kernels.items():
         loads = re.findall(r"ld\.global(?:\.nc)?\.v(?:4\.[bfsu]32|2\.[bfsu]64)", kernel)
         stores = re.findall(r"st\.global\.v(?:4\.[bfsu]32|2\.[bfsu]64)", kernel)
         # param, grad, square_avg and acc_delta; grad is stored when unscaled.
         assert len(loads) >= 4 and len(stores) >= 4, (
             f"{name}: {len(loads)} 16-byte loads, {len(stores)} stores"
         )
+
+
+def test_pre_volta_device_code_has_the_4KB_kernels_only(tmp_path):
+    """Where 32 KB of kernel arguments cannot be had (before sm_70), ptxas rejects a kernel with
+    more, so the 32 KB kernels are only declared there. This nvcc builds nothing before sm_75, so
+    sm_75 stands in, with the architecture the 32 KB kernels need raised past it."""
+    nvcc = find_nvcc()
+    ptxas_report, ptx = compile_kernel(
+        nvcc, "75", "c++17", tmp_path, "-DADADELTA_EXT_LARGE_ARGUMENTS_MIN_ARCH=800"
+    )
+    sizes = [argument_bytes(kernel) for kernel in ptx_kernels(ptx).values()]
+    assert len(sizes) == KERNEL_INSTANCES and all(size <= SMALL_ARGUMENTS for size in sizes), sizes
+    assert "warning" not in ptxas_report.lower(), ptxas_report
 
 
 def test_glue_compiles(tmp_path):

@@ -32,6 +32,12 @@ inline EmulatedIndex threadIdx;
 using cudaStream_t = struct EmulatedStream*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 
+// The toolkit the launch is built with: CUDA 13.0 unless the build says
+// otherwise (tests/cuda_emulation.py builds a CUDA 12.0 one too).
+#ifndef CUDART_VERSION
+#define CUDART_VERSION 13000
+#endif
+
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
@@ -59,16 +65,47 @@ inline double atomicAdd(double* address, double value) {
 struct EmulatedLaunches {
   int order = 0;  // 0: (block, thread) ascending; 1: descending; 2: shuffled
   unsigned int seed = 0;
-  size_t max_argument_bytes = 4096;  // the launch fails above, as the driver's
+  int driver_version = 13000;  // as cudaDriverGetVersion reports it
+  int compute_capability_major = 9;  // of device 0, the only one
   cudaError_t last_error = cudaSuccess;
   std::vector<unsigned int> blocks;  // per launch since the harness cleared it
+  std::vector<size_t> argument_bytes;  // likewise
 };
 inline EmulatedLaunches emulated_launches;
+
+// The driver's limit on a launch's arguments: 32,764 bytes for a CUDA 12.1+
+// build on a CUDA 12.1+ driver and a Volta+ GPU, else 4,096 (nvcc before 12.1
+// compiles no larger kernel; a driver before it, or an older GPU, launches none).
+inline size_t emulated_max_argument_bytes() {
+  const bool large = CUDART_VERSION >= 12010 && emulated_launches.driver_version >= 12010 &&
+      emulated_launches.compute_capability_major >= 7;
+  return large ? 32764 : 4096;
+}
 
 inline cudaError_t cudaGetLastError() {
   const cudaError_t error = emulated_launches.last_error;
   emulated_launches.last_error = cudaSuccess;
   return error;
+}
+
+inline cudaError_t cudaDriverGetVersion(int* version) {
+  *version = emulated_launches.driver_version;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75 };
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  if (attribute != cudaDevAttrComputeCapabilityMajor || device != 0) {
+    return cudaErrorInvalidValue;
+  }
+  *value = emulated_launches.compute_capability_major;
+  return cudaSuccess;
 }
 
 // kernel<<<grid, block, shared_bytes, stream>>>(args...), rewritten by
@@ -81,12 +118,14 @@ void emulated_launch(
     size_t shared_bytes,
     cudaStream_t /*stream*/,
     const Args&... args) {
+  const size_t argument_bytes = (sizeof(Args) + ... + 0);
   if (grid == 0 || block == 0 || block > 1024 || shared_bytes != 0 ||
-      (sizeof(Args) + ... + 0) > emulated_launches.max_argument_bytes) {
+      argument_bytes > emulated_max_argument_bytes()) {
     emulated_launches.last_error = cudaErrorInvalidConfiguration;
     return;
   }
   emulated_launches.blocks.push_back(grid);
+  emulated_launches.argument_bytes.push_back(argument_bytes);
   std::vector<uint64_t> order(static_cast<size_t>(grid) * block);
   std::iota(order.begin(), order.end(), uint64_t{0});
   if (emulated_launches.order == 1) {

@@ -75,18 +75,26 @@ int emulated_fused_adadelta(
 }
 
 // How the next launches run: order 0 ascending (block, thread), 1 descending,
-// 2 shuffled with `seed`; a launch whose arguments exceed max_argument_bytes fails.
-void emulated_configure(int order, unsigned int seed, size_t max_argument_bytes) {
+// 2 shuffled with `seed`; on a device of compute capability major
+// `compute_capability_major` with a driver of `driver_version` (1000 * major
+// + 10 * minor, as cudaDriverGetVersion), whose argument limit they decide
+// (emulated_max_argument_bytes).
+void emulated_configure(int order, unsigned int seed, int driver_version, int compute_capability_major) {
   emulated_launches.order = order;
   emulated_launches.seed = seed;
-  emulated_launches.max_argument_bytes = max_argument_bytes;
+  emulated_launches.driver_version = driver_version;
+  emulated_launches.compute_capability_major = compute_capability_major;
   emulated_launches.blocks.clear();
+  emulated_launches.argument_bytes.clear();
 }
 
-// The launches since emulated_configure: their count, and up to `capacity` grid sizes.
-size_t emulated_launch_grids(unsigned int* grids, size_t capacity) {
+// The launches since emulated_configure: their count, and up to `capacity`
+// of their grid sizes and argument sizes.
+size_t emulated_launches_made(unsigned int* grids, size_t* argument_bytes, size_t capacity) {
   const size_t count = emulated_launches.blocks.size();
-  std::memcpy(grids, emulated_launches.blocks.data(), std::min(count, capacity) * sizeof(unsigned int));
+  const size_t copied = std::min(count, capacity);
+  std::memcpy(grids, emulated_launches.blocks.data(), copied * sizeof(unsigned int));
+  std::memcpy(argument_bytes, emulated_launches.argument_bytes.data(), copied * sizeof(size_t));
   return count;
 }
 

@@ -2,23 +2,40 @@
 compiler against an emulated CUDA runtime (tests/cuda_emulation.py, tests/emulated_cuda/), run
 against the CPU op. Both round every op explicitly and alike (csrc/adadelta_math.h), so the
 assertion is bit-for-bit equality (NaN positions equal, every other bit pattern equal) for every
-(param, grad, state) dtype instance, sizes around the 16-byte vectors and 65536-element chunks,
-each pointer misaligned, more tensors than one launch holds, tensor scalars of both dtypes, shared
-step tensors, inf/NaN/subnormal inputs and any block and thread order. Every tensor sits between
-guard elements that must be unchanged: the kernel stays in bounds (tools/sanitize.sh also runs this
-file under AddressSanitizer and UBSan). The last test plants bugs in the kernel and checks that
-these comparisons catch each.
+(param, grad, state) dtype instance, sizes around the 16-byte vectors and 4096-element chunks,
+each pointer misaligned, more tensors than one launch holds in both argument layouts (32 KB where
+the build, driver and GPU allow it, 4 KB elsewhere), tensor scalars of both dtypes, shared step
+tensors, inf/NaN/subnormal inputs and any block and thread order. Every tensor sits between guard
+elements that must be unchanged: the kernel stays in bounds (tools/sanitize.sh also runs this file
+under AddressSanitizer and UBSan). The last test plants bugs in the kernel and checks that these
+comparisons catch each.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from cuda_emulation import INSTANCES, EmulatedKernel
+from cuda_emulation import (
+    HOPPER,
+    INSTANCES,
+    OLD_DRIVER,
+    PASCAL,
+    EmulatedDevice,
+    EmulatedKernel,
+    EmulatedLaunchError,
+    Launch,
+)
 
 from adadelta_ext import fused_adadelta_
 
-SIZES = [0, 1, 7, 8, 9, 65535, 65536, 65537, 200_000]
+CHUNK = 4096  # kChunkElements: one block's elements
+SMALL_ARGUMENTS, LARGE_ARGUMENTS = 4096, 32764  # bytes, the two layouts' limits
+TENSORS_PER_LAUNCH = {SMALL_ARGUMENTS: 75, LARGE_ARGUMENTS: 616}
+# Around the 2 to 8 element vectors and the chunks; the last, 24 chunks and a ragged one. In one
+# launch, so consecutive blocks cross from tensor to tensor at each of these sizes.
+SIZES = [0, 1, 7, 8, 9, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 1, 100_000]
 ROLES = ("params", "grads", "square_avgs", "acc_deltas")
 GUARD = 16  # elements of sentinel before and after each tensor
 SENTINEL = -12345.0  # exact in every dtype
@@ -45,6 +62,21 @@ def kernel() -> EmulatedKernel:
     return EmulatedKernel()
 
 
+@pytest.fixture(scope="module")
+def kernel_of_cuda_12_0() -> EmulatedKernel:
+    """Built as CUDA 12.0's toolkit would: its kernels can take 4 KB of arguments only."""
+    return EmulatedKernel(cudart_version=12000)
+
+
+# Where the launch must use each layout: (build, device, the layout's argument limit).
+LAYOUT_CASES = {
+    "32KB": ("kernel", HOPPER, LARGE_ARGUMENTS),
+    "4KB_pre_volta_gpu": ("kernel", PASCAL, SMALL_ARGUMENTS),
+    "4KB_cuda_12_0_driver": ("kernel", OLD_DRIVER, SMALL_ARGUMENTS),
+    "4KB_cuda_12_0_build": ("kernel_of_cuda_12_0", HOPPER, SMALL_ARGUMENTS),
+}
+
+
 def special_values(dtype: torch.dtype) -> torch.Tensor:
     """inf, NaN, zeros, subnormals and the extremes of `dtype`."""
     info = torch.finfo(dtype)
@@ -54,12 +86,13 @@ def special_values(dtype: torch.dtype) -> torch.Tensor:
 
 
 def guarded_lists(
-    sizes, instances, *, misaligned=(), special=False, shared_step=False, seed=0
+    sizes, instances, *, misaligned=(), misaligned_every=1, special=False, shared_step=False, seed=0
 ) -> tuple[dict[str, list[torch.Tensor]], list[tuple[torch.Tensor, int, int]]]:
     """op lists (one entry per size, instances[i % len] giving its dtypes), each tensor a view into a
-    buffer of SENTINEL guards; the lists named in `misaligned` start one element later. `special`
-    scatters special_values into every tensor; `shared_step`: params 0 and 1 share a step tensor.
-    Returns the lists and (buffer, start, end) of every view, to check the guards with."""
+    buffer of SENTINEL guards; the lists named in `misaligned` start one element later, in every
+    `misaligned_every`-th param from the first. `special` scatters special_values into every tensor;
+    `shared_step`: params 0 and 1 share a step tensor. Returns the lists and (buffer, start, end) of
+    every view, to check the guards with."""
     generator = torch.Generator().manual_seed(seed)
     lists = {role: [] for role in (*ROLES, "state_steps")}
     views = []
@@ -71,7 +104,7 @@ def guarded_lists(
             if special and size > 0:
                 spots = torch.randint(0, size, (len(special_values(dtype)),), generator=generator)
                 values[spots] = special_values(dtype)
-            start = GUARD + (1 if role in misaligned else 0)
+            start = GUARD + (1 if role in misaligned and index % misaligned_every == 0 else 0)
             buffer = torch.full((start + size + GUARD,), SENTINEL, dtype=dtype)
             buffer[start : start + size] = values
             lists[role].append(buffer[start : start + size])
@@ -117,12 +150,28 @@ def bit_differences(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
     return None
 
 
-def mismatches(kernel, lists, views, options, *, order="forward", max_argument_bytes=4096) -> list[str]:
-    """Runs the emulated kernel on `lists` and the CPU op on a copy; every difference, named."""
+def mismatches(
+    kernel,
+    lists,
+    views,
+    options,
+    *,
+    order="forward",
+    device: EmulatedDevice = HOPPER,
+    launches: list[Launch] | None = None,
+) -> list[str]:
+    """Runs the emulated kernel on `lists` and the CPU op on a copy; every difference, named. The
+    kernel's launches are appended to `launches`."""
     cpu_lists, cpu_views = copy_lists(lists, views)
     fused_adadelta_(*cpu_lists.values(), **options)
-    kernel.fused_adadelta_(*lists.values(), **options, order=order, max_argument_bytes=max_argument_bytes)
     found = []
+    try:
+        made = kernel.fused_adadelta_(*lists.values(), **options, order=order, device=device)
+    except EmulatedLaunchError as error:
+        found.append(str(error))
+        made = []
+    if launches is not None:
+        launches += made
     for role, tensors in lists.items():
         for index, (ours, cpus) in enumerate(zip(tensors, cpu_lists[role], strict=True)):
             difference = bit_differences(ours, cpus)
@@ -178,15 +227,76 @@ def test_inf_nan_and_subnormal_inputs(kernel, instance):
     assert mismatches(kernel, lists, views, OPTIONS, order="shuffled") == []
 
 
-def test_more_tensors_than_one_launch_holds(kernel):
-    """150 tensors of two instances, interleaved: several launches of each, each launch limited to
-    4 KB of arguments (the emulated launch fails above that, as the driver does)."""
+def layout_problems(launches: list[Launch], argument_limit: int) -> list[str]:
+    """What is wrong with the layout of `launches` where it should be that of `argument_limit`."""
+    low = 0 if argument_limit == SMALL_ARGUMENTS else SMALL_ARGUMENTS
+    return [
+        f"launch {index}: {launch.argument_bytes} bytes of arguments, not in ({low}, {argument_limit}]"
+        for index, launch in enumerate(launches)
+        if not low < launch.argument_bytes <= argument_limit
+    ]
+
+
+@pytest.mark.parametrize("layout", LAYOUT_CASES.keys())
+def test_a_thousand_small_tensors(request, layout):
+    """1,000 tensors of 4,096 float32 elements (the benchmark's 1000x4096): two launches with 32 KB
+    of arguments, 14 with 4 KB (75 tensors each), one block per tensor, in the layout the build,
+    driver and GPU allow, bit for bit."""
+    build, device, argument_limit = LAYOUT_CASES[layout]
+    count = 1000
+    lists, views = guarded_lists([CHUNK] * count, [INSTANCES[0]], seed=5)
+    launches = []
+    found = mismatches(request.getfixturevalue(build), lists, views, OPTIONS, order="shuffled", device=device)
+    found += mismatches(
+        request.getfixturevalue(build), lists, views, OPTIONS, device=device, launches=launches
+    )
+    assert found == []
+    assert layout_problems(launches, argument_limit) == []
+    assert len(launches) == math.ceil(count / TENSORS_PER_LAUNCH[argument_limit])
+    assert sum(launch.blocks for launch in launches) == count
+
+
+@pytest.mark.parametrize("layout", LAYOUT_CASES.keys())
+def test_more_tensors_than_one_launch_holds(request, layout):
+    """200 tensors of two instances, interleaved, of sizes up to 5000: one launch per instance with
+    32 KB of arguments, two with 4 KB (the emulated launch fails above the limit, as the driver's)."""
+    build, device, argument_limit = LAYOUT_CASES[layout]
     instances = [INSTANCES[0], INSTANCES[10]]
-    sizes = [(index * 7919) % 5000 for index in range(150)]
+    sizes = [(index * 7919) % 5000 for index in range(200)]
     lists, views = guarded_lists(sizes, instances, seed=3)
-    assert mismatches(kernel, lists, views, OPTIONS, order="shuffled") == []
-    grids = kernel.fused_adadelta_(*copy_lists(lists, views)[0].values(), **OPTIONS)
-    assert len(grids) > len(instances), f"150 tensors of 2 instances took {len(grids)} launches"
+    launches = []
+    found = mismatches(
+        request.getfixturevalue(build),
+        lists,
+        views,
+        OPTIONS,
+        order="shuffled",
+        device=device,
+        launches=launches,
+    )
+    assert found == []
+    assert layout_problems(launches, argument_limit) == []
+    assert len(launches) == (2 if argument_limit == LARGE_ARGUMENTS else 4)
+
+
+@pytest.mark.parametrize("device", [HOPPER, PASCAL], ids=["32KB", "4KB"])
+@pytest.mark.parametrize("instance", INSTANCES, ids=INSTANCE_IDS)
+def test_blocks_cross_tensor_boundaries_at_chunk_and_vector_sizes(kernel, instance, device):
+    """120 tensors a few elements either side of multiples of the chunk and of the vectors, in a
+    random order, with grad and acc_delta misaligned in every other one: in one launch with 32 KB of
+    arguments, in two with 4 KB. Consecutive blocks cross from tensor to tensor at every kind of
+    size and alignment, and the 4 KB layout splits the list."""
+    generator = torch.Generator().manual_seed(6)
+    around = [
+        multiple + offset for multiple in (0, 8, CHUNK, 2 * CHUNK) for offset in (-9, -8, -1, 0, 1, 7, 8, 9)
+    ]
+    sizes = [max(0, around[int(i)]) for i in torch.randint(0, len(around), (120,), generator=generator)]
+    lists, views = guarded_lists(
+        sizes, [instance], misaligned=("grads", "acc_deltas"), misaligned_every=2, seed=7
+    )
+    launches = []
+    assert mismatches(kernel, lists, views, OPTIONS, order="shuffled", device=device, launches=launches) == []
+    assert len(launches) == (1 if device == HOPPER else 2)
 
 
 def test_params_sharing_a_step_tensor_each_add_one(kernel):
@@ -217,19 +327,57 @@ PLANTED_BUGS = {
         "return __fmaf_rn(a, b, c);",
         "return __fadd_rn(__fmul_rn(a, b), c);",
     ),
+    "32KB_layout_on_a_pre_volta_gpu": (
+        "csrc/cuda/adadelta_cuda_launch.cu",
+        "compute_capability_major >= 7",
+        "compute_capability_major >= 6",
+    ),
+    "32KB_layout_on_a_cuda_12_0_driver": (
+        "csrc/cuda/adadelta_cuda_launch.cu",
+        "driver_version >= 12010",
+        "driver_version >= 12000",
+    ),
+    "32KB_layout_in_a_cuda_12_0_build": (
+        "csrc/cuda/adadelta_cuda_launch.cu",
+        "CUDART_VERSION >= 12010",
+        "CUDART_VERSION >= 12000",
+    ),
+    "4KB_layout_everywhere": (
+        "csrc/cuda/adadelta_cuda_launch.cu",
+        "  if (large) {",
+        "  if (false) {",
+    ),
 }
+
+
+# The toolkit version a mutant is built as, where not the default (CUDA 13.0).
+MUTANT_CUDART_VERSIONS = {"32KB_layout_in_a_cuda_12_0_build": 12000}
+
+
+def planted_bug_findings(bug: str) -> list[str]:
+    """What the comparisons above (sizes, a misaligned case, 200 tensors on each device) and the
+    layout checks find in the kernel with the planted bug `bug`."""
+    path, text, replacement = PLANTED_BUGS[bug]
+    cudart_version = MUTANT_CUDART_VERSIONS.get(bug)
+    mutant = EmulatedKernel({path: [(text, replacement)]}, cudart_version=cudart_version)
+    many = ([(index * 7919) % 5000 for index in range(200)], [INSTANCES[0], INSTANCES[10]], ())
+    cases = [
+        ((SIZES, [INSTANCES[0]], ()), HOPPER),
+        ((SIZES, [INSTANCES[7]], ROLES), HOPPER),
+        (many, HOPPER),
+        (many, PASCAL),
+        (many, OLD_DRIVER),
+    ]
+    found = []
+    for (sizes, instances, misaligned), device in cases:
+        large = device == HOPPER and cudart_version is None
+        launches = []
+        lists, views = guarded_lists(sizes, instances, misaligned=misaligned)
+        found += mismatches(mutant, lists, views, OPTIONS, device=device, launches=launches)
+        found += layout_problems(launches, LARGE_ARGUMENTS if large else SMALL_ARGUMENTS)
+    return found
 
 
 @pytest.mark.parametrize("bug", PLANTED_BUGS.keys())
 def test_a_planted_bug_is_caught(bug):
-    """The comparisons above (sizes, 150 tensors, a misaligned case) find each planted bug."""
-    path, text, replacement = PLANTED_BUGS[bug]
-    mutant = EmulatedKernel({path: [(text, replacement)]})
-    found = []
-    for case in (
-        guarded_lists(SIZES, [INSTANCES[0]]),
-        guarded_lists([(index * 7919) % 5000 for index in range(150)], [INSTANCES[0], INSTANCES[10]]),
-        guarded_lists(SIZES, [INSTANCES[7]], misaligned=ROLES),
-    ):
-        found += mismatches(mutant, *case, OPTIONS)
-    assert found, f"the planted bug {bug!r} went unnoticed"
+    assert planted_bug_findings(bug), f"the planted bug {bug!r} went unnoticed"
