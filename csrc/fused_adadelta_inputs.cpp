@@ -340,14 +340,11 @@ RealTensors::RealTensors(const FusedAdadeltaTensors& tensors_in) : tensors(tenso
 }
 
 FlatTensorLists::FlatTensorLists(const FusedAdadeltaTensors& tensors, bool grads_are_written)
-    : params(tensors.params.vec()),
-      grads(tensors.grads.vec()),
-      square_avgs(tensors.square_avgs.vec()),
-      acc_deltas(tensors.acc_deltas.vec()),
-      original_params_(tensors.params),
-      original_grads_(tensors.grads),
-      original_square_avgs_(tensors.square_avgs),
-      original_acc_deltas_(tensors.acc_deltas),
+    : params(tensors.params),
+      grads(tensors.grads),
+      square_avgs(tensors.square_avgs),
+      acc_deltas(tensors.acc_deltas),
+      original_(tensors),
       grads_are_written_(grads_are_written) {
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];
@@ -355,12 +352,19 @@ FlatTensorLists::FlatTensorLists(const FusedAdadeltaTensors& tensors, bool grads
         shares_dense_layout(param, grads[i]) && shares_dense_layout(param, square_avgs[i]) &&
         shares_dense_layout(param, acc_deltas[i]);
     if (!flat) {
-      params[i] = params[i].contiguous();
-      grads[i] = grads[i].contiguous();
-      square_avgs[i] = square_avgs[i].contiguous();
-      acc_deltas[i] = acc_deltas[i].contiguous();
       copied_.push_back(i);
     }
+  }
+  if (copied_.empty()) {
+    return;
+  }
+  at::TensorList* lists[4] = {&params, &grads, &square_avgs, &acc_deltas};
+  for (int list = 0; list < 4; ++list) {
+    lists_with_copies_[list] = lists[list]->vec();
+    for (const size_t i : copied_) {
+      lists_with_copies_[list][i] = lists_with_copies_[list][i].contiguous();
+    }
+    *lists[list] = lists_with_copies_[list];
   }
 }
 
@@ -371,11 +375,11 @@ void FlatTensorLists::write_back() const {
         original.copy_(flat);
       }
     };
-    copy_if_needed(original_params_[i], params[i]);
-    copy_if_needed(original_square_avgs_[i], square_avgs[i]);
-    copy_if_needed(original_acc_deltas_[i], acc_deltas[i]);
+    copy_if_needed(original_.params[i], params[i]);
+    copy_if_needed(original_.square_avgs[i], square_avgs[i]);
+    copy_if_needed(original_.acc_deltas[i], acc_deltas[i]);
     if (grads_are_written_) {
-      copy_if_needed(original_grads_[i], grads[i]);
+      copy_if_needed(original_.grads[i], grads[i]);
     }
   }
 }

@@ -88,20 +88,22 @@ class RealTensors {
 class FlatTensorLists {
  public:
   FlatTensorLists(const FusedAdadeltaTensors& tensors, bool grads_are_written);
+  FlatTensorLists(const FlatTensorLists&) = delete;
+  FlatTensorLists& operator=(const FlatTensorLists&) = delete;
 
   void write_back() const;
 
-  std::vector<at::Tensor> params;
-  std::vector<at::Tensor> grads;
-  std::vector<at::Tensor> square_avgs;
-  std::vector<at::Tensor> acc_deltas;
+  // The caller's lists (nothing copied, the common case), or lists holding
+  // contiguous copies where a param needs them.
+  at::TensorList params;
+  at::TensorList grads;
+  at::TensorList square_avgs;
+  at::TensorList acc_deltas;
 
  private:
-  at::TensorList original_params_;
-  at::TensorList original_grads_;
-  at::TensorList original_square_avgs_;
-  at::TensorList original_acc_deltas_;
+  FusedAdadeltaTensors original_;
   bool grads_are_written_;
+  std::vector<at::Tensor> lists_with_copies_[4];
   std::vector<size_t> copied_;
 };
 

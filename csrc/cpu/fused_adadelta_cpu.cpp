@@ -112,7 +112,11 @@ void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAda
     const KernelDtypes dtypes{
         flat.params[i].scalar_type(), flat.grads[i].scalar_type(),
         flat.square_avgs[i].scalar_type()};
-    kernels[i] = find_update_range(dtypes);
+    // Params mostly come in runs of one dtype: look the kernel up once per run.
+    const bool same_as_previous = i > 0 && dtypes.param == flat.params[i - 1].scalar_type() &&
+        dtypes.grad == flat.grads[i - 1].scalar_type() &&
+        dtypes.state == flat.square_avgs[i - 1].scalar_type();
+    kernels[i] = same_as_previous ? kernels[i - 1] : find_update_range(dtypes);
     TORCH_INTERNAL_ASSERT(
         kernels[i] != nullptr, "fused_adadelta_: no CPU kernel for params of dtype ",
         dtypes.param, " with grads of dtype ", dtypes.grad, " and state of dtype ", dtypes.state);
