@@ -1,6 +1,7 @@
 """On a GPU: the CUDA op against the CPU op, where the kernel's indexing could go
-wrong (16-byte vectors, ragged tails, 65536-element chunks, misaligned data,
-launches split at 64 tensors, zero-element tensors), and its scalars read on
+wrong (16-byte vectors, ragged tails, 4096-element chunks, misaligned data,
+launches split at 616 tensors (75 where only 4 KB of kernel arguments are allowed), zero-element
+tensors), and its scalars read on
 the device (tensor lr, grad_scale, found_inf), also inside a CUDA graph.
 
 Bit for bit (rtol=0, atol=0), for every dtype pair, float16 and bfloat16 too:
@@ -30,8 +31,8 @@ DTYPE_PAIRS = [
     (torch.bfloat16, torch.float32),
 ]
 PAIR_IDS = [f"{str(p).removeprefix('torch.')}-{str(s).removeprefix('torch.')}" for p, s in DTYPE_PAIRS]
-# Around the 2 to 8 element vectors and the 65536-element chunks.
-SIZES = [0, 1, 7, 9, 4099, 65535, 65536, 65537, 3 * 65536 + 5]
+# Around the 2 to 8 element vectors and the 4096-element chunks.
+SIZES = [0, 1, 7, 9, 4095, 4096, 4097, 8191, 65537, 3 * 65536 + 5]
 
 
 def cuda_and_cpu_lists(pairs, sizes, *, misaligned=False, seed=0):
@@ -106,9 +107,9 @@ def test_cuda_kernel_unscales_grads_with_tensor_lr(pair, scalar_dtype, round_lr_
 
 
 def test_cuda_kernel_splits_launches_over_mixed_dtypes():
-    # 420 tensors, 70 of each dtype pair, interleaved: over the 64 one launch holds.
-    pairs = [DTYPE_PAIRS[index % len(DTYPE_PAIRS)] for index in range(420)]
-    sizes = [(index * 7919) % 20000 for index in range(420)]
+    # 4,200 tensors, 700 of each dtype pair, interleaved: over the 616 one launch holds.
+    pairs = [DTYPE_PAIRS[index % len(DTYPE_PAIRS)] for index in range(4200)]
+    sizes = [(index * 7919) % 20000 for index in range(4200)]
     cuda_lists, cpu_lists = cuda_and_cpu_lists(pairs, sizes, seed=2)
     run_both(cuda_lists, cpu_lists, grad_scale=torch.tensor(64.0))
     assert_lists_match(cuda_lists, cpu_lists)
