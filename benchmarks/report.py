@@ -22,32 +22,152 @@ def _speedup(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}x"
 
 
+def _percent(value: float) -> str:
+    return f"{value:.0%}"
+
+
+def _ceilings(run: dict) -> list[str]:
+    ceiling, copy = run["ceiling"], run["copy"]
+    kernel = ", ".join(f"`{name}`" for name in ceiling["before"]["kernels"])
+    return [
+        "Ceilings, each the faster of a measurement before the steps and one after (their gap is the"
+        " machine's drift during the run):",
+        "",
+        f"- **step pattern: {ceiling['gb_per_s']:.1f} GB/s** ({ceiling['before']['gb_per_s']:.1f} before,"
+        f" {ceiling['after']['gb_per_s']:.1f} after): `p += g; s += g; a += g` over four"
+        f" {ceiling['before']['array_bytes'] / 2**30:.2f} GiB float32 arrays, compiled by inductor into one"
+        f" kernel ({kernel}) that passes over them once: the step's own access pattern, 4 reads and"
+        " 3 in-place writes, 28 B/elem. **of ceiling** is against this.",
+        f"- **copy: {copy['gb_per_s']:.1f} GB/s** ({copy['before']['gb_per_s']:.1f} before,"
+        f" {copy['after']['gb_per_s']:.1f} after): `dst.copy_(src)`, two"
+        f" {copy['before']['buffer_bytes'] / 2**30:.2f} GiB float32 buffers, bytes read + written."
+        " On CPU the copy also reads every destination line before writing it (write-allocate), which"
+        " it is not credited with, so a step can pass 100% **of copy**.",
+    ]
+
+
+def _warnings(run: dict) -> list[str]:
+    warnings = []
+    over = [row for row in run["results"] if "fraction_of_ceiling" in row and row["fraction_of_ceiling"] > 1]
+    if over:
+        names = "; ".join(
+            f"{row['workload']} {row['dtype']} {row['implementation']}"
+            f" ({_percent(row['fraction_of_ceiling'])})"
+            for row in over
+        )
+        warnings.append(
+            f"**Warning: {len(over)} row(s) above 100% of the step-pattern ceiling** ({names}). No step"
+            " can move its bytes faster than the pattern that moves only them: the ceiling is wrong,"
+            " or the machine was faster during those steps than during both ceiling measurements."
+        )
+    ceiling = run["ceiling"]["before"]
+    if run["machine"]["device_type"] == "cpu" and ceiling["loops"] != 1:
+        warnings.append(
+            f"**Warning: the step-pattern kernel has {ceiling['loops']} loops, not one**: it may not be"
+            " one pass (see `TORCH_LOGS=output_code`)."
+        )
+    return [line for warning in warnings for line in (f"> {warning}", "")]
+
+
+def _host_cost(run: dict) -> list[str]:
+    costs = run.get("host_cost") or []
+    if not costs:
+        return []
+    few, many = costs[0]["tensors"]
+    elements = costs[0]["elements_per_tensor"]
+    lines = [
+        "## Host cost per tensor",
+        "",
+        f"(step of {many:,} float32 params of {elements} elements - step of {few:,} of them) /"
+        f" {many - few:,}: the work a step does per tensor beyond its bytes (checks, lists, launches).",
+        "",
+        f"| implementation | {few:,} tensors | {many:,} tensors | per tensor |",
+        "|---|--:|--:|--:|",
+    ]
+    for cost in costs:
+        lines.append(
+            f"| {cost['implementation']} | {_time(cost['median_s'][str(few)])}"
+            f" | {_time(cost['median_s'][str(many)])} | {cost['us_per_tensor']:.2f} µs |"
+        )
+    return [*lines, ""]
+
+
+def _launch_bound(run: dict) -> list[str]:
+    rows = run.get("launch_bound") or []
+    if not rows:
+        return []
+    lines = [
+        "## Launch-bound: 1,000 tensors against one",
+        "",
+        "The step of 1,000 tensors of 4,096 elements over the step of one tensor of 4,096,000:"
+        " the same bytes, split. 1x means the split costs nothing.",
+        "",
+        "| params | implementation | 1000x4096 | 4096000 | ratio | goal |",
+        "|---|---|--:|--:|--:|---|",
+    ]
+    for row in rows:
+        goal = ""
+        if "goal" in row:
+            goal = f"<= {row['goal']}x: {'met' if row['ratio'] <= row['goal'] else 'not met'}"
+        lines.append(
+            f"| {row['dtype']} | {row['implementation']} | {_time(row['many_median_s'])}"
+            f" | {_time(row['one_median_s'])} | {row['ratio']:.2f}x | {goal} |"
+        )
+    return [*lines, ""]
+
+
+def _cuda_graphs(run: dict) -> list[str]:
+    rows = run.get("cuda_graphs") or []
+    if not rows:
+        return []
+    lines = [
+        "## CUDA graphs",
+        "",
+        "FusedAdadelta (capturable, lr a CUDA tensor) captured once per rotation copy and replayed,"
+        " against its eager step and against torch.optim.Adadelta (capturable, foreach, lr a CUDA"
+        " tensor) captured the same way; above 1x the graph is faster.",
+        "",
+        "| workload | params | graph | eager | torch foreach graph | vs eager | vs torch graph |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        eager = row["eager_median_s"]
+        torch_graph = row["torch_graph_median_s"]
+        lines.append(
+            f"| {row['workload']} | {row['dtype']} | {_time(row['graph_median_s'])}"
+            f" | {_time(eager) if eager else ''} | {_time(torch_graph) if torch_graph else ''}"
+            f" | {_speedup(row['speedup_vs_eager'])} | {_speedup(row['speedup_vs_torch_graph'])} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(run: dict) -> str:
-    machine, copy = run["machine"], run["copy"]
-    before, after = copy["before"], copy["after"]
+    machine, load = run["machine"], run["load_average"]
     lines = [
         f"# One Adadelta step on {machine['device']}",
         "",
         f"`{run['command']}` ({run['date']}); torch {machine['torch']}, CUDA {machine['cuda'] or 'none'},"
-        f" {machine['threads']} threads, CPU kernel ISA {machine['cpu_kernel_isa']}.",
+        f" {machine['threads']} threads, CPU kernel ISA {machine['cpu_kernel_isa']}. Load average"
+        f" (1 minute, other processes on the machine): {load['start']:.2f} at the start,"
+        f" {load['end']:.2f} at the end.",
         "",
-        f"Copy bandwidth (`dst.copy_(src)`, two {before['buffer_bytes'] / 2**30:.2f} GiB float32 buffers,"
-        f" bytes read + written): **{copy['gb_per_s']:.1f} GB/s**, the faster of"
-        f" {before['gb_per_s']:.1f} GB/s before the steps and {after['gb_per_s']:.1f} GB/s after.",
+        *_ceilings(run),
         "",
-        "| workload | elements | params | state | B/elem | implementation | median | GB/s | of copy"
-        " | vs foreach | vs compile |",
-        "|---|--:|---|---|--:|---|--:|--:|--:|--:|--:|",
+        *_warnings(run),
+        "| workload | elements | params | state | B/elem | implementation | median | GB/s | of ceiling"
+        " | of copy | vs foreach | vs compile |",
+        "|---|--:|---|---|--:|---|--:|--:|--:|--:|--:|--:|",
     ]
     for row in run["results"]:
         head = f"| {row['workload']} | {row['elements']:,} | {row['dtype']} |"
         if "skipped" in row:
-            lines.append(f"{head} | | {row['implementation']} | skipped: {row['skipped']} | | | | |")
+            lines.append(f"{head} | | {row['implementation']} | skipped: {row['skipped']} | | | | | |")
             continue
         bytes_per_element = row["bytes_per_step"] / row["elements"]
         lines.append(
             f"{head} {row['state_dtype']} | {bytes_per_element:.0f} | {row['implementation']}"
-            f" | {_time(row['median_s'])} | {row['gb_per_s']:.1f} | {row['fraction_of_copy']:.0%}"
+            f" | {_time(row['median_s'])} | {row['gb_per_s']:.1f} | {_percent(row['fraction_of_ceiling'])}"
+            f" | {_percent(row['fraction_of_copy'])}"
             f" | {_speedup(row['speedup_vs_foreach'])} | {_speedup(row['speedup_vs_compile'])} |"
         )
     lines += [
@@ -56,15 +176,19 @@ def markdown(run: dict) -> str:
         " square_avg and acc_delta read, param, square_avg and acc_delta written. For bfloat16 params"
         " torch.optim and the reference keep bfloat16 state (14 B/elem); FusedAdadelta runs with"
         " `fp32_state=True` and keeps float32 state (22 B/elem).",
-        "- **GB/s** = those bytes / median time; **of copy** = GB/s / the copy bandwidth. On CPU the copy"
-        " reads each destination line before writing it (write-allocate) and an in-place step does not,"
-        " so a step can pass 100%.",
+        "- **GB/s** = those bytes / median time; **of ceiling** = GB/s / the step-pattern ceiling, which"
+        " moves the same bytes in the same pattern and does nothing else (a step can reach 100%, not"
+        " pass it); **of copy** = GB/s / the copy bandwidth.",
         "- **vs foreach**, **vs compile**: median time of torch foreach (torch.compile foreach) on the same"
         " workload and dtype / this row's median time; above 1x is faster.",
         "- Each timed step finds its memory cold: workloads smaller than 4 last-level caches"
         f" ({machine['last_level_cache_bytes'] / 2**20:.0f} MiB here) rotate among enough copies to span 4.",
+        "",
+        *_host_cost(run),
+        *_launch_bound(run),
+        *_cuda_graphs(run),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip("\n")
 
 
 def plot(run: dict, path: Path) -> None:
@@ -72,30 +196,52 @@ def plot(run: dict, path: Path) -> None:
     timed = [row for row in run["results"] if "median_s" in row]
     dtypes = list(dict.fromkeys(row["dtype"] for row in timed))
     implementations = list(dict.fromkeys(row["implementation"] for row in timed))
-    sizes = {row["elements"]: row["workload"] for row in timed}
+    sizes: dict[int, list[str]] = {}  # workloads of one size (1000x4096 and 4096000) share a tick
+    for row in timed:
+        names = sizes.setdefault(row["elements"], [])
+        if row["workload"] not in names:
+            names.append(row["workload"])
     figure, axes = plt.subplots(
         1, len(dtypes), figsize=(6.5 * len(dtypes), 5), squeeze=False, sharey=True, layout="constrained"
     )
     for axis, dtype in zip(axes[0], dtypes, strict=True):
         for implementation in implementations:
-            points = sorted(
-                (row["elements"], row["gb_per_s"])
+            rows = sorted(
+                (row["elements"], row["tensors"], row["gb_per_s"])
                 for row in timed
                 if row["dtype"] == dtype and row["implementation"] == implementation
             )
-            if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=implementation)
-        axis.axhline(run["copy"]["gb_per_s"], color="black", linestyle="--", label="copy bandwidth")
+            if not rows:
+                continue
+            # The line goes through the workload of fewest tensors at each size; the others of
+            # that size (1000x4096 beside 4096000) are hollow markers below or on it.
+            fewest: dict[int, tuple[int, float]] = {}
+            for elements, tensors, gb_per_s in rows:  # sorted: the fewest tensors come first
+                fewest.setdefault(elements, (tensors, gb_per_s))
+            line = [(elements, gb_per_s) for elements, (_, gb_per_s) in fewest.items()]
+            split = [(e, gb_per_s) for e, tensors, gb_per_s in rows if tensors != fewest[e][0]]
+            (drawn,) = axis.plot(*zip(*line, strict=True), marker="o", label=implementation)
+            if split:
+                axis.plot(
+                    *zip(*split, strict=True),
+                    linestyle="none",
+                    marker="o",
+                    markerfacecolor="none",
+                    color=drawn.get_color(),
+                )
+        axis.axhline(run["ceiling"]["gb_per_s"], color="black", label="step-pattern ceiling")
+        axis.axhline(run["copy"]["gb_per_s"], color="gray", linestyle="--", label="copy bandwidth")
         axis.set_xscale("log")
         axis.set_xticks(
             list(sizes),
-            [f"{name} ({elements:,})" for elements, name in sizes.items()],
+            [f"{' / '.join(names)} ({elements:,})" for elements, names in sizes.items()],
             rotation=30,
             ha="right",
         )
         axis.minorticks_off()
         axis.set_title(f"{dtype} params")
-        axis.set_xlabel("workload (elements)")
+        shared = any(len(names) > 1 for names in sizes.values())
+        axis.set_xlabel("workload (elements)" + ("; hollow: the same size in more tensors" if shared else ""))
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("achieved bandwidth (GB/s)")
     figure.suptitle(f"One Adadelta step on {run['machine']['device']}")

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.step`: one Adadelta step of every implementation, against the copy ceiling.
+"""`python -m benchmarks.step`: one Adadelta step of every implementation, against the step-pattern ceiling.
 
 Writes step.md, step.json and step.png to --out-dir and prints the Markdown table.
 """
@@ -35,9 +35,19 @@ from .timing import (
     last_level_cache_bytes,
     measure,
     scratch_buffer,
+    step_pattern_bandwidth,
 )
 
 RHO = 0.9
+# The host cost per tensor: the step of HOST_COST_TENSORS[1] params of HOST_COST_ELEMENTS elements
+# less the step of HOST_COST_TENSORS[0] of them, over the difference in tensors.
+HOST_COST_TENSORS = (20, 2000)
+HOST_COST_ELEMENTS = 4
+HOST_COST_IMPLEMENTATIONS = ("FusedAdadelta", "torch foreach")
+# The launch-bound pair: many small tensors against one tensor of as many elements.
+LAUNCH_BOUND = ("1000x4096", "4096000")
+# FusedAdadelta's goal: 1000x4096 float32 within this factor of the single tensor's time.
+LAUNCH_BOUND_GOAL = 1.3
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
@@ -61,12 +71,13 @@ WORKLOADS: dict[str, list[tuple[int, ...]]] = {
     "64M": [(64_000_000,)],
     "256M": [(256_000_000,)],
     "1000x4096": [(4096,)] * 1000,
+    "4096000": [(4_096_000,)],  # as many elements as 1000x4096, in one tensor
     "mlp": [(200, 784), (200,), (10, 200), (10,)],  # the tutorial's 784-200-10 MLP
     "gpt2": gpt2_small_shapes(),
 }
 DEVICE_WORKLOADS = {
-    "cpu": ["1M", "10M", "16M", "1000x4096", "mlp", "gpt2"],
-    "cuda": ["1M", "16M", "64M", "256M", "1000x4096", "mlp", "gpt2"],
+    "cpu": ["1M", "10M", "16M", "1000x4096", "4096000", "mlp", "gpt2"],
+    "cuda": ["1M", "16M", "64M", "256M", "1000x4096", "4096000", "mlp", "gpt2"],
 }
 QUICK_WORKLOADS = {"cpu": ["1M", "10M", "mlp"], "cuda": ["1M", "64M", "mlp"]}
 
@@ -89,10 +100,14 @@ def _reference(params: list[Tensor]) -> Built:
     return step, [*sqrs, *deltas]
 
 
+def _state(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    params = optimizer.param_groups[0]["params"]
+    return [optimizer.state[p][key] for p in params for key in ("square_avg", "acc_delta")]
+
+
 def _stepped(optimizer: torch.optim.Optimizer, step: Callable[[], object]) -> Built:
     step()
-    params = optimizer.param_groups[0]["params"]
-    return step, [optimizer.state[p][key] for p in params for key in ("square_avg", "acc_delta")]
+    return step, _state(optimizer)
 
 
 def _torch_for_loop(params: list[Tensor]) -> Built:
@@ -121,15 +136,59 @@ def _fused(params: list[Tensor]) -> Built:
     return _stepped(optimizer, optimizer.step)
 
 
+def _warmed_up_for_capture(optimizer: torch.optim.Optimizer) -> Built:
+    """The eager step of a capturable optimizer, its first steps taken on a side stream.
+
+    As torch.cuda.graph's documentation asks: state allocation and any lazy initialization
+    happen outside the capture, on a stream other than the one captured later.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    return optimizer.step, _state(optimizer)
+
+
+def _fused_cuda_graph(params: list[Tensor]) -> Built:
+    # capturable=True with lr a tensor on the device: nothing in the step reads a host value.
+    lr = torch.tensor(1.0, device=params[0].device)
+    optimizer = FusedAdadelta(params, lr=lr, rho=RHO, fp32_state=True, capturable=True)
+    return _warmed_up_for_capture(optimizer)
+
+
+def _torch_foreach_cuda_graph(params: list[Tensor]) -> Built:
+    lr = torch.tensor(1.0, device=params[0].device)
+    optimizer = torch.optim.Adadelta(params, lr=lr, rho=RHO, foreach=True, capturable=True)
+    return _warmed_up_for_capture(optimizer)
+
+
 IMPLEMENTATIONS: dict[str, Callable[[list[Tensor]], Built]] = {
     "reference": _reference,
     "torch for-loop": _torch_for_loop,
     "torch foreach": _torch_foreach,
     "torch.compile foreach": _torch_compile_foreach,
     "FusedAdadelta": _fused,
+    "torch foreach (CUDA graph)": _torch_foreach_cuda_graph,
+    "FusedAdadelta (CUDA graph)": _fused_cuda_graph,
 }
 # Neither is the baseline of any goal: --skip-slow-above may leave them out of large workloads.
 SLOW_IMPLEMENTATIONS = ("reference", "torch for-loop")
+# Captured once per rotation copy (see capture_per_copy) and replayed: CUDA only, and only on the
+# launch-bound pair, where launching is what a graph saves.
+CUDA_GRAPH_IMPLEMENTATIONS = ("torch foreach (CUDA graph)", "FusedAdadelta (CUDA graph)")
+CUDA_GRAPH_WORKLOADS = LAUNCH_BOUND
+
+
+def implementations(device: torch.device, workload: str) -> list[str]:
+    """The implementations timed on `workload` on `device`."""
+    return [
+        name
+        for name in IMPLEMENTATIONS
+        if name not in CUDA_GRAPH_IMPLEMENTATIONS
+        or (device.type == "cuda" and workload in CUDA_GRAPH_WORKLOADS)
+    ]
 
 
 def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> list[Tensor]:
@@ -146,15 +205,42 @@ def bytes_per_step(params: list[Tensor], state: list[Tensor]) -> int:
     return 2 * param_bytes + sum(p.grad.nbytes for p in params) + 2 * sum(s.nbytes for s in state)
 
 
+def capture_per_copy(step: Callable[[], object], rotation: Rotation) -> Callable[[], None]:
+    """The step as CUDA graph replays: one graph per copy of the rotation.
+
+    A graph replays the addresses it was captured with, and the rotation moves the tensors'
+    storage every step: so each copy gets its own capture, and the step replays the graph
+    of the copy the rotation is at. The graphs share one memory pool: they run one at a
+    time, and none leaves a temporary alive for another.
+    """
+    pool = torch.cuda.graph_pool_handle()
+    graphs = {}
+    for _ in rotation.copies:  # all positions, ending where it started
+        rotation.advance()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            step()
+        graphs[rotation.position] = graph
+
+    def replay() -> None:
+        graphs[rotation.position].replay()
+
+    return replay
+
+
 def time_step(
     implementation: str,
     shapes: list[tuple[int, ...]],
     dtype: torch.dtype,
     device: torch.device,
     plan: RunPlan,
-    scratch: Tensor,
+    scratch: Tensor | None,
 ) -> dict:
-    """One implementation on one workload: its bytes, its first step's time and every timed step's."""
+    """One implementation on one workload: its bytes, its first step's time and every timed step's.
+
+    With `scratch`, each step finds its memory cold (see Rotation); without, the same
+    tensors every step (the host-cost measurement, where the bytes are few and not the point).
+    """
     params = make_params(shapes, dtype, device)
     start = time.perf_counter()
     step, state = IMPLEMENTATIONS[implementation](params)
@@ -164,10 +250,16 @@ def time_step(
     # A compiled optimizer may recompile once more on its second step (the first
     # created the state); after that, a recompile would time the compiler, not the step.
     step()
-    rotation = Rotation([*params, *(p.grad for p in params), *state], scratch)
+    tensors = [*params, *(p.grad for p in params), *state]
+    rotation = Rotation(
+        tensors, scratch if scratch is not None else tensors[0].new_empty(0, dtype=torch.uint8)
+    )
+    if implementation in CUDA_GRAPH_IMPLEMENTATIONS:
+        step = capture_per_copy(step, rotation)
+    before_each = rotation.advance if len(rotation.copies) > 1 else lambda: None
     with torch._dynamo.config.patch(error_on_recompile=True):
         rotation.check(step)
-        times = measure(step, device, plan, before_each=rotation.advance)
+        times = measure(step, device, plan, before_each=before_each)
     median = statistics.median(times)
     bytes_moved = bytes_per_step(params, state)
     return {
@@ -181,6 +273,25 @@ def time_step(
     }
 
 
+def host_cost(implementation: str, device: torch.device, plan: RunPlan) -> dict:
+    """The host's work per tensor in one step: the step of many tiny float32 params less the
+    step of a few, over the difference in tensors. Tiny params move next to no bytes, so
+    what grows with their number is the per-tensor work (checks, lists, launches)."""
+    few, many = HOST_COST_TENSORS
+    steps = {
+        count: time_step(implementation, [(HOST_COST_ELEMENTS,)] * count, torch.float32, device, plan, None)
+        for count in HOST_COST_TENSORS
+    }
+    return {
+        "implementation": implementation,
+        "elements_per_tensor": HOST_COST_ELEMENTS,
+        "tensors": list(HOST_COST_TENSORS),
+        "times_s": {str(count): steps[count]["times_s"] for count in HOST_COST_TENSORS},
+        "median_s": {str(count): steps[count]["median_s"] for count in HOST_COST_TENSORS},
+        "us_per_tensor": (steps[many]["median_s"] - steps[few]["median_s"]) / (many - few) * 1e6,
+    }
+
+
 def release_memory(device: torch.device) -> None:
     # A compiled step holds its optimizer's tensors, and every compile counts
     # toward dynamo's recompile limit: start each measurement from nothing.
@@ -190,13 +301,15 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def add_comparisons(results: list[dict], copy_gb_per_s: float) -> None:
-    """Each timed row's fraction of the copy bandwidth, and its speedup over torch foreach
-    and torch.compile foreach on the same workload and dtype (None where that one was skipped)."""
+def add_comparisons(results: list[dict], ceiling_gb_per_s: float, copy_gb_per_s: float) -> None:
+    """Each timed row's fraction of the step-pattern ceiling and of the copy bandwidth, and its
+    speedup over torch foreach and torch.compile foreach on the same workload and dtype (None
+    where that one was skipped)."""
     medians = {(r["workload"], r["dtype"], r["implementation"]): r.get("median_s") for r in results}
     for row in results:
         if "median_s" not in row:
             continue
+        row["fraction_of_ceiling"] = row["gb_per_s"] / ceiling_gb_per_s
         row["fraction_of_copy"] = row["gb_per_s"] / copy_gb_per_s
         for baseline, key in (
             ("torch foreach", "speedup_vs_foreach"),
@@ -204,6 +317,58 @@ def add_comparisons(results: list[dict], copy_gb_per_s: float) -> None:
         ):
             baseline_median = medians.get((row["workload"], row["dtype"], baseline))
             row[key] = baseline_median / row["median_s"] if baseline_median else None
+
+
+def _medians(results: list[dict]) -> dict[tuple[str, str, str], float]:
+    return {
+        (r["workload"], r["dtype"], r["implementation"]): r["median_s"] for r in results if "median_s" in r
+    }
+
+
+def launch_bound(results: list[dict]) -> list[dict]:
+    """Per dtype and implementation timed on both: the step of 1,000 tensors of 4,096 elements
+    over the step of one tensor of 4,096,000. 1x: the split into tensors costs nothing."""
+    many, one = LAUNCH_BOUND
+    medians = _medians(results)
+    rows = []
+    for (workload, dtype, implementation), many_median in medians.items():
+        one_median = medians.get((one, dtype, implementation))
+        if workload == many and one_median:
+            row = {
+                "dtype": dtype,
+                "implementation": implementation,
+                "many_median_s": many_median,
+                "one_median_s": one_median,
+                "ratio": many_median / one_median,
+            }
+            if implementation == "FusedAdadelta" and dtype == "float32":
+                row["goal"] = LAUNCH_BOUND_GOAL
+            rows.append(row)
+    return rows
+
+
+def cuda_graphs(results: list[dict]) -> list[dict]:
+    """Per workload and dtype: FusedAdadelta replayed from a CUDA graph against its eager step and
+    against torch foreach replayed the same way (each ratio: the other's median / the graph's)."""
+    medians = _medians(results)
+    rows = []
+    for (workload, dtype, implementation), graph_median in medians.items():
+        if implementation != "FusedAdadelta (CUDA graph)":
+            continue
+        eager = medians.get((workload, dtype, "FusedAdadelta"))
+        torch_graph = medians.get((workload, dtype, "torch foreach (CUDA graph)"))
+        rows.append(
+            {
+                "workload": workload,
+                "dtype": dtype,
+                "graph_median_s": graph_median,
+                "eager_median_s": eager,
+                "torch_graph_median_s": torch_graph,
+                "speedup_vs_eager": eager / graph_median if eager else None,
+                "speedup_vs_torch_graph": torch_graph / graph_median if torch_graph else None,
+            }
+        )
+    return rows
 
 
 def machine(device: torch.device, cache_bytes: int) -> dict:
@@ -217,6 +382,7 @@ def machine(device: torch.device, cache_bytes: int) -> dict:
     )
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
+        "device_type": device.type,
         "cpu": cpu_model,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -267,15 +433,26 @@ def main() -> None:
     cache_bytes = last_level_cache_bytes(device)
 
     load_at_start = os.getloadavg()
-    jobs = [(w, d, i) for w in workloads for d in args.dtypes for i in IMPLEMENTATIONS]
+    jobs = [(w, d, i) for w in workloads for d in args.dtypes for i in implementations(device, w)]
     results = []
-    with tqdm(total=len(jobs) + 2, unit="measurement") as progress:
-        # The copy before and after the steps: on a shared machine, their gap shows the drift.
-        progress.set_postfix_str("copy bandwidth")
+    ceilings = {"step pattern": step_pattern_bandwidth, "copy": copy_bandwidth}
+    with tqdm(
+        total=len(jobs) + 2 * len(ceilings) + len(HOST_COST_IMPLEMENTATIONS), unit="measurement"
+    ) as progress:
+        # The ceilings before and after the steps: on a shared machine, their gaps show the drift.
         scratch = scratch_buffer(device, cache_bytes)
-        copy_before = copy_bandwidth(scratch, plan)
-        release_memory(device)
-        progress.update()
+        before = {}
+        for name, bandwidth in ceilings.items():
+            progress.set_postfix_str(f"{name} bandwidth")
+            before[name] = bandwidth(scratch, plan)
+            release_memory(device)
+            progress.update()
+        host_costs = []
+        for implementation in HOST_COST_IMPLEMENTATIONS:
+            progress.set_postfix_str(f"host cost {implementation}")
+            host_costs.append(host_cost(implementation, device, plan))
+            release_memory(device)
+            progress.update()
         for workload, dtype_name, implementation in jobs:
             progress.set_postfix_str(f"{workload} {dtype_name} {implementation}")
             shapes = WORKLOADS[workload]
@@ -297,16 +474,22 @@ def main() -> None:
             results.append(row)
             release_memory(device)
             progress.update()
-        progress.set_postfix_str("copy bandwidth")
-        copy_after = copy_bandwidth(scratch, plan)
-        progress.update()
-    # The ceiling is the best the machine showed.
-    copy = {
-        "gb_per_s": max(copy_before["gb_per_s"], copy_after["gb_per_s"]),
-        "before": copy_before,
-        "after": copy_after,
-    }
-    add_comparisons(results, copy["gb_per_s"])
+        after = {}
+        for name, bandwidth in ceilings.items():
+            progress.set_postfix_str(f"{name} bandwidth")
+            after[name] = bandwidth(scratch, plan)
+            release_memory(device)
+            progress.update()
+    # Each ceiling is the best the machine showed.
+    ceiling, copy = (
+        {
+            "gb_per_s": max(before[name]["gb_per_s"], after[name]["gb_per_s"]),
+            "before": before[name],
+            "after": after[name],
+        }
+        for name in ceilings
+    )
+    add_comparisons(results, ceiling["gb_per_s"], copy["gb_per_s"])
 
     run = {
         "command": shlex.join(["python", "-m", "benchmarks.step", *sys.argv[1:]]),
@@ -315,7 +498,11 @@ def main() -> None:
         # Other processes on the machine (1-minute load average): the timings' noise.
         "load_average": {"start": load_at_start[0], "end": os.getloadavg()[0]},
         "plan": dataclasses.asdict(plan),
+        "ceiling": ceiling,
         "copy": copy,
+        "host_cost": host_costs,
+        "launch_bound": launch_bound(results),
+        "cuda_graphs": cuda_graphs(results),
         "results": results,
     }
     table = report.write(run, out_dir)

@@ -1,8 +1,10 @@
-"""How a step is timed: the device's clock, cold memory for every step, and the copy ceiling."""
+"""How a step is timed: the device's clock, cold memory for every step, and the two ceilings
+(the step's own access pattern, and a copy)."""
 
 from __future__ import annotations
 
 import itertools
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +19,13 @@ from torch import Tensor
 COLD_CACHE_FACTOR = 4
 # Copies in the scratch buffer start on this boundary, as torch's CUDA allocator aligns every tensor.
 ALIGNMENT = 512
+# The step-pattern ceiling's four arrays sit in the four quarters of the scratch buffer, array k
+# shifted k times this many bytes into its quarter. Exactly a quarter (512 MiB) apart, the four
+# streams share every address bit below 512 MiB, so they collide in the same cache sets and in the
+# CPU's store-to-load alias checks: 6.5 GB/s on the 2-core EPYC instead of about 30 this way.
+STEP_PATTERN_STAGGER = 4096 + 1024 + 64
+# The arrays' length is a multiple of this many elements: no tail loop behind the vectorized one.
+STEP_PATTERN_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ def measure(
 
 
 def copy_bandwidth(scratch: Tensor, plan: RunPlan) -> dict:
-    """The bandwidth ceiling: `dst.copy_(src)` with src and dst the two halves of `scratch`."""
+    """The reference bandwidth: `dst.copy_(src)` with src and dst the two halves of `scratch`."""
     src, dst = scratch.view(torch.float32).chunk(2)
     times = measure(lambda: dst.copy_(src), scratch.device, plan, before_each=lambda: None)
     moved = src.nbytes + dst.nbytes  # read src, write dst
@@ -162,6 +171,69 @@ def copy_bandwidth(scratch: Tensor, plan: RunPlan) -> dict:
     return {
         "buffer_bytes": src.nbytes,
         "bytes_moved": moved,
+        "times_s": times,
+        "median_s": median,
+        "gb_per_s": moved / median / 1e9,
+    }
+
+
+def _step_pattern(param: Tensor, grad: Tensor, square_avg: Tensor, acc_delta: Tensor) -> None:
+    """The step's memory traffic and nothing else: four arrays read, three of them written in place."""
+    param.add_(grad)
+    square_avg.add_(grad)
+    acc_delta.add_(grad)
+
+
+def step_pattern_arrays(scratch: Tensor) -> list[Tensor]:
+    """Four float32 arrays of one length, one in each quarter of `scratch` (staggered, see above)."""
+    floats = scratch.view(torch.float32)
+    quarter = floats.numel() // 4
+    stagger = STEP_PATTERN_STAGGER // 4
+    length = (quarter - 3 * stagger) // STEP_PATTERN_MULTIPLE * STEP_PATTERN_MULTIPLE
+    return [floats[k * (quarter + stagger) : k * (quarter + stagger) + length] for k in range(4)]
+
+
+def _kernels(source: str) -> list[str]:
+    """The names of the kernels inductor defined in one generated module's source."""
+    return re.findall(r"^(\w+) = async_compile\.(?:cpp_pybinding|cpp|triton)\(", source, re.MULTILINE)
+
+
+def step_pattern_bandwidth(scratch: Tensor, plan: RunPlan) -> dict:
+    """The ceiling a step can reach: its own access pattern, in one pass.
+
+    `p += g; s += g; a += g` over four float32 arrays that fill `scratch` (each larger than
+    the last-level cache, together more than 4 of them, so nothing stays cached between
+    passes), compiled by inductor into a single kernel: 4 reads and 3 writes per element
+    (28 bytes), each array's lines read before they are written, as in an in-place step.
+    Raises unless inductor made exactly one kernel. On CPU, `loops` counts the `for` loops
+    in its C++ source: one is one pass (None on CUDA, where a pointwise triton kernel is one
+    pass by construction).
+    """
+    # Imported here: torch._inductor is heavy, and only this measurement needs it.
+    from torch._inductor.utils import run_and_get_code
+
+    arrays = step_pattern_arrays(scratch)
+    compiled = torch.compile(_step_pattern, fullgraph=True, dynamic=False)
+    # The first call compiles (after a dynamo reset) and hands back the generated module(s).
+    _, sources = run_and_get_code(compiled, *arrays)
+    kernels = [name for source in sources for name in _kernels(source)]
+    loops = None
+    if scratch.device.type == "cpu":  # the module is Python around C++; only the C++ has `for(`
+        loops = sum(len(re.findall(r"\bfor\s*\(", source)) for source in sources)
+    if len(kernels) != 1:
+        raise RuntimeError(
+            f"the step-pattern ceiling compiled to {len(kernels)} kernels ({kernels}), not one fused pass;"
+            " see TORCH_LOGS=output_code"
+        )
+    times = measure(lambda: compiled(*arrays), scratch.device, plan, before_each=lambda: None)
+    # param, grad, square_avg and acc_delta read; param, square_avg and acc_delta written
+    moved = 7 * arrays[0].nbytes
+    median = statistics.median(times)
+    return {
+        "array_bytes": arrays[0].nbytes,
+        "bytes_moved": moved,
+        "kernels": kernels,
+        "loops": loops,
         "times_s": times,
         "median_s": median,
         "gb_per_s": moved / median / 1e9,
