@@ -441,12 +441,17 @@ def main() -> None:
     ) as progress:
         # The ceilings before and after the steps: on a shared machine, their gaps show the drift.
         scratch = scratch_buffer(device, cache_bytes)
-        before = {}
-        for name, bandwidth in ceilings.items():
-            progress.set_postfix_str(f"{name} bandwidth")
-            before[name] = bandwidth(scratch, plan)
-            release_memory(device)
-            progress.update()
+
+        def measure_ceilings() -> dict:
+            measured = {}
+            for name, bandwidth in ceilings.items():
+                progress.set_postfix_str(f"{name} bandwidth")
+                measured[name] = bandwidth(scratch, plan)
+                release_memory(device)
+                progress.update()
+            return measured
+
+        before = measure_ceilings()
         host_costs = []
         for implementation in HOST_COST_IMPLEMENTATIONS:
             progress.set_postfix_str(f"host cost {implementation}")
@@ -474,12 +479,7 @@ def main() -> None:
             results.append(row)
             release_memory(device)
             progress.update()
-        after = {}
-        for name, bandwidth in ceilings.items():
-            progress.set_postfix_str(f"{name} bandwidth")
-            after[name] = bandwidth(scratch, plan)
-            release_memory(device)
-            progress.update()
+        after = measure_ceilings()
     # Each ceiling is the best the machine showed.
     ceiling, copy = (
         {

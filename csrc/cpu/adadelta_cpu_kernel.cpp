@@ -154,9 +154,11 @@ void update_range(
       for (int part = 0; part < kParts; ++part) {
         grad_vec[part] = grad_vec[part] * inverse_grad_scale;
       }
-      // Read back: the step uses the grad rounded to its dtype, as stored.
       GradIO::store(grad + offset, count, grad_vec);
-      GradIO::load(grad + offset, count, grad_vec);
+      if constexpr (!std::is_same_v<grad_t, opmath>) {
+        // The step uses the grad rounded to its dtype, as stored.
+        GradIO::load(grad + offset, count, grad_vec);
+      }
     }
     for (int part = 0; part < kParts; ++part) {
       adadelta_update<VectorRounding<opmath>>(
