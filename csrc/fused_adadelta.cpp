@@ -25,35 +25,74 @@ void refuse_sparse(const FusedAdadeltaTensors& /*tensors*/, const FusedAdadeltaO
   TORCH_CHECK(false, "fused_adadelta_: FusedAdadelta does not support sparse gradients");
 }
 
-// What ATen's generated ADInplaceOrView kernels do for an in-place op: run it,
-// then bump the version counter of every tensor it wrote, so autograd refuses
-// a backward through a tensor the step changed. Boxed, so one kernel serves
-// both overloads; grads count as written only when grad_scale unscales them.
+void refuse_grad_mode(at::TensorList tensors, const char* list_name) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(
+        !tensors[i].requires_grad(), "fused_adadelta_: ", list_name, "[", i,
+        "] requires grad and grad mode is on, but the op has no derivative: call it under "
+        "torch.no_grad(), as an optimizer step does");
+  }
+}
+
+// What ATen's generated Autograd and ADInplaceOrView kernels do for an in-place
+// op without a derivative: refuse tensors autograd would have to follow (at
+// the Autograd key, in grad mode), run the op, then bump the version counter
+// of every tensor it wrote, so that autograd refuses a backward through a
+// tensor the step changed. Grads count as written only when grad_scale
+// unscales them. Unboxed, as a step with thousands of tensors would otherwise
+// pay for boxing them.
+template <bool kAutograd, typename Lr, typename... Tail>
 void bump_versions_of_written_tensors(
-    const c10::OperatorHandle& op,
     c10::DispatchKeySet keys,
-    torch::jit::Stack* stack) {
-  const auto& arguments = op.schema().arguments();
-  const auto inputs = torch::jit::last(*stack, arguments.size());
-  const auto grad_scale = op.schema().argumentIndexWithName("grad_scale");
-  const bool grads_are_written = grad_scale.has_value() && !inputs[*grad_scale].isNone();
-  std::vector<c10::List<at::Tensor>> written;
-  for (size_t i = 0; i < arguments.size(); ++i) {
-    const auto* alias = arguments[i].alias_info();
-    if (alias != nullptr && alias->isWrite() &&
-        (arguments[i].name() != "grads" || grads_are_written)) {
-      written.push_back(inputs[i].toTensorList());
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    Lr lr,
+    double rho,
+    double eps,
+    double weight_decay,
+    bool maximize,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf,
+    Tail... tail) {
+  const bool grads_are_written = grad_scale.has_value();
+  if (kAutograd && at::GradMode::is_enabled()) {
+    refuse_grad_mode(params, "params");
+    refuse_grad_mode(square_avgs, "square_avgs");
+    refuse_grad_mode(acc_deltas, "acc_deltas");
+    refuse_grad_mode(state_steps, "state_steps");
+    if (grads_are_written) {
+      refuse_grad_mode(grads, "grads");
     }
   }
+  static const auto op = typed_overload<Lr, Tail...>("adadelta_ext::fused_adadelta_");
   {
     const at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+    op.redispatch(
+        keys & c10::after_ADInplaceOrView_keyset, params, grads, square_avgs, acc_deltas,
+        state_steps, lr, rho, eps, weight_decay, maximize, grad_scale, found_inf, tail...);
   }
-  for (const auto& tensors : written) {
-    for (const at::Tensor& tensor : tensors) {
+  for (const at::TensorList written : {params, square_avgs, acc_deltas, state_steps}) {
+    for (const at::Tensor& tensor : written) {
       torch::autograd::impl::bump_version(tensor);
     }
   }
+  if (grads_are_written) {
+    for (const at::Tensor& grad : grads) {
+      torch::autograd::impl::bump_version(grad);
+    }
+  }
+}
+
+// Both overloads' version-bumping kernels for one key.
+template <bool kAutograd>
+void impl_bump_versions(torch::Library& m) {
+  m.impl("fused_adadelta_", TORCH_FN((bump_versions_of_written_tensors<kAutograd, double>)));
+  m.impl(
+      "fused_adadelta_.tensor_lr",
+      TORCH_FN((bump_versions_of_written_tensors<kAutograd, const at::Tensor&, bool>)));
 }
 
 } // namespace
@@ -96,11 +135,17 @@ TORCH_LIBRARY(adadelta_ext, m) {
   m.def("cpu_kernel_isas() -> str[]", &cpu::kernel_isas);
 }
 
+TORCH_LIBRARY_IMPL(adadelta_ext, Autograd, m) {
+  impl_bump_versions</*kAutograd=*/true>(m);
+  // The check op writes nothing: autograd has nothing to do.
+  m.impl("check_fused_adadelta", torch::CppFunction::makeFallthrough());
+  m.impl("check_fused_adadelta.tensor_lr", torch::CppFunction::makeFallthrough());
+}
+
+// Reached without the Autograd kernel where autograd is excluded but version
+// counters are not (e.g. below torch.compile's AOTAutograd).
 TORCH_LIBRARY_IMPL(adadelta_ext, ADInplaceOrView, m) {
-  m.impl("fused_adadelta_", torch::CppFunction::makeFromBoxedFunction<&bump_versions_of_written_tensors>());
-  m.impl(
-      "fused_adadelta_.tensor_lr",
-      torch::CppFunction::makeFromBoxedFunction<&bump_versions_of_written_tensors>());
+  impl_bump_versions</*kAutograd=*/false>(m);
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, Meta, m) {

@@ -3,8 +3,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "fused_adadelta_inputs.h"
 
@@ -26,7 +28,7 @@ void checked_call(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOption
   if (tensors.params.empty()) {
     return;
   }
-  const RealTensors real(tensors);
+  const RealTensors real(tensors, call.any_complex);
   if (!call.params_overlap) {
     Impl(real.tensors, options);
     return;
@@ -76,6 +78,24 @@ void fused_adadelta_tensor_lr_kernel(
   checked_call<Impl>(
       {params, grads, square_avgs, acc_deltas, state_steps},
       {0.0, lr, round_lr_product, rho, eps, weight_decay, maximize, grad_scale, found_inf});
+}
+
+// The op's C++ signature: Lr is the lr argument's type (double, or const
+// at::Tensor& for .tensor_lr), Tail the arguments after found_inf.
+template <typename Lr, typename... Tail>
+using FusedAdadeltaSignature = void(
+    at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, Lr, double,
+    double, double, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    Tail...);
+
+// The overload of `op` (adadelta_ext::fused_adadelta_ or check_fused_adadelta)
+// whose lr argument has the type Lr, for calls without boxing.
+template <typename Lr, typename... Tail>
+c10::TypedOperatorHandle<FusedAdadeltaSignature<Lr, Tail...>> typed_overload(const char* op) {
+  const char* overload = std::is_same_v<Lr, double> ? "" : "tensor_lr";
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow(op, overload)
+      .template typed<FusedAdadeltaSignature<Lr, Tail...>>();
 }
 
 // Registers Impl as the kernel of both overloads for one dispatch key.

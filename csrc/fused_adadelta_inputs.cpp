@@ -7,6 +7,7 @@
 #include <c10/util/TypeCast.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 
 namespace adadelta_ext {
@@ -172,17 +173,25 @@ struct MemoryRange {
   uintptr_t end;
   uint32_t index;
   Role role;
+
+  bool operator==(const MemoryRange& other) const {
+    return begin == other.begin && end == other.end && index == other.index && role == other.role;
+  }
 };
 
 void add_range(std::vector<MemoryRange>& ranges, const at::Tensor& tensor, Role role, size_t index) {
-  if (tensor.numel() == 0) {
+  const int64_t numel = tensor.numel();
+  if (numel == 0) {
     return;
   }
-  const at::IntArrayRef sizes = tensor.sizes();
-  const at::IntArrayRef strides = tensor.strides();
-  int64_t last = 0;  // offset of the last element, in elements
-  for (size_t dim = 0; dim < sizes.size(); ++dim) {
-    last += (sizes[dim] - 1) * strides[dim];
+  int64_t last = numel - 1;  // offset of the last element, in elements
+  if (!tensor.is_contiguous()) {
+    const at::IntArrayRef sizes = tensor.sizes();
+    const at::IntArrayRef strides = tensor.strides();
+    last = 0;
+    for (size_t dim = 0; dim < sizes.size(); ++dim) {
+      last += (sizes[dim] - 1) * strides[dim];
+    }
   }
   const auto begin = reinterpret_cast<uintptr_t>(tensor.const_data_ptr());
   ranges.push_back(
@@ -192,8 +201,9 @@ void add_range(std::vector<MemoryRange>& ranges, const at::Tensor& tensor, Role 
 
 void check_no_internal_overlap(const at::Tensor& tensor, Role role, size_t index) {
   TORCH_CHECK(
-      at::has_internal_overlap(tensor) != at::MemOverlap::Yes, "fused_adadelta_: ",
-      role_name(role), "[", index,
+      tensor.is_non_overlapping_and_dense() ||
+          at::has_internal_overlap(tensor) != at::MemOverlap::Yes,
+      "fused_adadelta_: ", role_name(role), "[", index,
       "] is written but has elements that share memory (an expanded tensor?): "
       "unsupported operation: more than one element of the written-to tensor refers "
       "to a single memory location. Please clone() the tensor before performing the "
@@ -201,27 +211,8 @@ void check_no_internal_overlap(const at::Tensor& tensor, Role role, size_t index
 }
 
 // Returns whether params share memory with each other; raises if any other
-// two tensors that must not share memory do. (Addresses: not on meta.)
-bool check_shared_memory(const FusedAdadeltaTensors& tensors, bool grads_are_written) {
-  const auto& [params, grads, square_avgs, acc_deltas, state_steps] = tensors;
-  std::vector<MemoryRange> ranges;
-  // Role by role: each list is often allocated in order, so each run is often
-  // sorted already, and sorting then merging the runs costs O(n) rather than
-  // std::sort's O(n log n) (of note for thousands of small params).
-  ranges.reserve(5 * params.size());
-  const at::TensorList lists[] = {params, grads, square_avgs, acc_deltas, state_steps};
-  const Role roles[] = {Role::kParam, Role::kGrad, Role::kSquareAvg, Role::kAccDelta, Role::kStep};
-  const auto by_begin = [](const MemoryRange& a, const MemoryRange& b) { return a.begin < b.begin; };
-  for (int list = 0; list < 5; ++list) {
-    const auto run_begin = static_cast<std::ptrdiff_t>(ranges.size());
-    for (size_t i = 0; i < lists[list].size(); ++i) {
-      add_range(ranges, lists[list][i], roles[list], i);
-    }
-    if (!std::is_sorted(ranges.begin() + run_begin, ranges.end(), by_begin)) {
-      std::sort(ranges.begin() + run_begin, ranges.end(), by_begin);
-    }
-    std::inplace_merge(ranges.begin(), ranges.begin() + run_begin, ranges.end(), by_begin);
-  }
+// two tensors that must not share memory do. `ranges` is sorted by begin.
+bool check_sorted_ranges(const std::vector<MemoryRange>& ranges, bool grads_are_written) {
   bool params_overlap = false;
   for (size_t a = 0; a < ranges.size(); ++a) {
     for (size_t b = a + 1; b < ranges.size() && ranges[b].begin < ranges[a].end; ++b) {
@@ -240,6 +231,59 @@ bool check_shared_memory(const FusedAdadeltaTensors& tensors, bool grads_are_wri
           "] share memory; each param's grad and state must be tensors of their own");
     }
   }
+  return params_overlap;
+}
+
+// The byte ranges of one call's tensors, role by role (in Role's order), each
+// role's in list order.
+using RangesByRole = std::array<std::vector<MemoryRange>, 5>;
+
+// NOTE [Shared-memory checks, remembered]
+// A training loop calls the op on the same tensors at the same addresses step
+// after step: params and state never move, and grads mostly come back where
+// they were. Sorting thousands of ranges every step was most of the op's host
+// cost for small params, so each thread remembers the ranges and outcome of
+// its last few passing calls, and an identical call repeats the outcome. Any
+// difference (a grad elsewhere, another tensor) checks anew.
+struct PassedCheck {
+  RangesByRole ranges;
+  bool grads_are_written;
+  bool params_overlap;
+};
+constexpr size_t kPassedChecksKept = 4;  // several param groups or devices per step
+
+// Returns whether params share memory with each other; raises if any other
+// two tensors that must not share memory do.
+bool check_shared_memory(const RangesByRole& ranges, bool grads_are_written) {
+  thread_local std::array<PassedCheck, kPassedChecksKept> passed;
+  thread_local size_t next_replaced = 0;
+  for (const PassedCheck& check : passed) {
+    if (check.grads_are_written == grads_are_written && check.ranges == ranges) {
+      return check.params_overlap;
+    }
+  }
+  // Each list is often allocated in order (or, as autograd makes grads, in
+  // reverse), so each role's run is often sorted already: sorting only the
+  // runs that are not, then merging them, costs O(n) rather than O(n log n).
+  const auto by_begin = [](const MemoryRange& a, const MemoryRange& b) { return a.begin < b.begin; };
+  const auto by_begin_descending = [](const MemoryRange& a, const MemoryRange& b) {
+    return a.begin > b.begin;
+  };
+  std::vector<MemoryRange> sorted;
+  for (const std::vector<MemoryRange>& role_ranges : ranges) {
+    const auto run_begin = static_cast<std::ptrdiff_t>(sorted.size());
+    sorted.insert(sorted.end(), role_ranges.begin(), role_ranges.end());
+    const auto run = sorted.begin() + run_begin;
+    if (std::is_sorted(run, sorted.end(), by_begin_descending)) {
+      std::reverse(run, sorted.end());
+    } else if (!std::is_sorted(run, sorted.end(), by_begin)) {
+      std::sort(run, sorted.end(), by_begin);
+    }
+    std::inplace_merge(sorted.begin(), run, sorted.end(), by_begin);
+  }
+  const bool params_overlap = check_sorted_ranges(sorted, grads_are_written);
+  passed[next_replaced] = {ranges, grads_are_written, params_overlap};
+  next_replaced = (next_replaced + 1) % kPassedChecksKept;
   return params_overlap;
 }
 
@@ -281,10 +325,18 @@ CheckedCall check_fused_adadelta_call(
       params.size(), ", ", grads.size(), ", ", square_avgs.size(), ", ",
       acc_deltas.size(), " and ", state_steps.size());
   if (params.empty()) {
-    return {false};
+    return {false, false};
   }
   const at::Device device = params[0].device();
   const bool grads_are_written = options.grad_scale.has_value();
+  const bool has_addresses = !device.is_meta();
+  // One pass over the tensors, which for thousands of small params outgrow
+  // the caches: each further pass would fetch them again.
+  thread_local RangesByRole ranges;
+  for (std::vector<MemoryRange>& role_ranges : ranges) {
+    role_ranges.clear();
+  }
+  bool any_complex = false;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];
     TORCH_CHECK(
@@ -308,30 +360,29 @@ CheckedCall check_fused_adadelta_call(
     check_writable(square_avgs[i], "square_avgs", i);
     check_writable(acc_deltas[i], "acc_deltas", i);
     check_writable(step, "state_steps", i);
-    if (grads_are_written) {
-      check_writable(grads[i], "grads", i);
-    }
-  }
-  check_options(params, device, options);
-  // From strides alone, so on meta too.
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_no_internal_overlap(params[i], Role::kParam, i);
+    // From strides alone, so on meta too.
+    check_no_internal_overlap(param, Role::kParam, i);
     check_no_internal_overlap(square_avgs[i], Role::kSquareAvg, i);
     check_no_internal_overlap(acc_deltas[i], Role::kAccDelta, i);
     if (grads_are_written) {
+      check_writable(grads[i], "grads", i);
       check_no_internal_overlap(grads[i], Role::kGrad, i);
     }
+    if (has_addresses) {
+      add_range(ranges[0], param, Role::kParam, i);
+      add_range(ranges[1], grads[i], Role::kGrad, i);
+      add_range(ranges[2], square_avgs[i], Role::kSquareAvg, i);
+      add_range(ranges[3], acc_deltas[i], Role::kAccDelta, i);
+      add_range(ranges[4], step, Role::kStep, i);
+    }
+    any_complex = any_complex || param.is_complex();
   }
-  if (device.is_meta()) {
-    return {false};
-  }
-  return {check_shared_memory(tensors, grads_are_written)};
+  check_options(params, device, options);
+  return {has_addresses && check_shared_memory(ranges, grads_are_written), any_complex};
 }
 
-RealTensors::RealTensors(const FusedAdadeltaTensors& tensors_in) : tensors(tensors_in) {
-  const bool any_complex = std::any_of(
-      tensors.params.begin(), tensors.params.end(),
-      [](const at::Tensor& p) { return p.is_complex(); });
+RealTensors::RealTensors(const FusedAdadeltaTensors& tensors_in, bool any_complex)
+    : tensors(tensors_in) {
   if (!any_complex) {
     return;
   }
@@ -354,9 +405,11 @@ FlatTensorLists::FlatTensorLists(const FusedAdadeltaTensors& tensors, bool grads
       grads_are_written_(grads_are_written) {
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];
-    const bool flat = param.is_non_overlapping_and_dense() &&
-        shares_dense_layout(param, grads[i]) && shares_dense_layout(param, square_avgs[i]) &&
-        shares_dense_layout(param, acc_deltas[i]);
+    const bool all_contiguous = param.is_contiguous() && grads[i].is_contiguous() &&
+        square_avgs[i].is_contiguous() && acc_deltas[i].is_contiguous();
+    const bool flat = all_contiguous ||
+        (param.is_non_overlapping_and_dense() && shares_dense_layout(param, grads[i]) &&
+         shares_dense_layout(param, square_avgs[i]) && shares_dense_layout(param, acc_deltas[i]));
     if (!flat) {
       copied_.push_back(i);
     }

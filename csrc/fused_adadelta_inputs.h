@@ -44,6 +44,8 @@ struct FusedAdadeltaTensors {
 struct CheckedCall {
   // Some params share memory (views of one tensor): update them one at a time.
   bool params_overlap;
+  // Some params are complex (see RealTensors).
+  bool any_complex;
 };
 
 // Raises (RuntimeError, naming the list and index and the problem) unless one
@@ -67,10 +69,10 @@ CheckedCall check_fused_adadelta_call(
 
 // The tensors with each complex one viewed as a real one with a trailing
 // dimension of 2 (torch.view_as_real), as torch.optim updates complex params.
-// Without complex tensors, the caller's lists themselves.
+// Without complex tensors (any_complex false), the caller's lists themselves.
 class RealTensors {
  public:
-  explicit RealTensors(const FusedAdadeltaTensors& tensors);
+  RealTensors(const FusedAdadeltaTensors& tensors, bool any_complex);
   RealTensors(const RealTensors&) = delete;
   RealTensors& operator=(const RealTensors&) = delete;
 

@@ -3,13 +3,14 @@
 // not rebuild them (and convert them from Python, tensor by tensor) each time.
 // Only the grads change from step to step: they are read here, from each
 // param. See FusedAdadelta._step_kept_lists for when the lists are kept.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <array>
 #include <optional>
 #include <vector>
+
+#include "fused_adadelta.h"
 
 namespace adadelta_ext {
 namespace {
@@ -66,12 +67,12 @@ class KeptStepLists : public torch::CustomClassHolder {
       grads_.push_back(param.grad());
     }
     if (lr_tensor.has_value()) {
-      static const auto ops = typed_ops<const at::Tensor&, bool>("tensor_lr");
+      static const auto ops = typed_ops<const at::Tensor&, bool>();
       ops[check_only].call(
           params_, grads_, square_avgs_, acc_deltas_, state_steps_, *lr_tensor, rho, eps,
           weight_decay, maximize, grad_scale, found_inf, round_lr_product);
     } else {
-      static const auto ops = typed_ops<double>("");
+      static const auto ops = typed_ops<double>();
       ops[check_only].call(
           params_, grads_, square_avgs_, acc_deltas_, state_steps_, lr, rho, eps, weight_decay,
           maximize, grad_scale, found_inf);
@@ -87,23 +88,12 @@ class KeptStepLists : public torch::CustomClassHolder {
     std::vector<int64_t> strides;
   };
 
-  // The op's overload `overload` as {fused_adadelta_, check_fused_adadelta}:
-  // Lr is the lr argument's type, Tail the arguments after found_inf.
+  // The op's overload for Lr as {fused_adadelta_, check_fused_adadelta}.
   template <typename Lr, typename... Tail>
-  static std::array<c10::TypedOperatorHandle<void(
-                        at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                        Lr, double, double, double, bool, const std::optional<at::Tensor>&,
-                        const std::optional<at::Tensor>&, Tail...)>,
-                    2>
-  typed_ops(const char* overload) {
-    using Signature = void(
-        at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, Lr, double,
-        double, double, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-        Tail...);
-    auto& dispatcher = c10::Dispatcher::singleton();
+  static std::array<c10::TypedOperatorHandle<FusedAdadeltaSignature<Lr, Tail...>>, 2> typed_ops() {
     return {
-        dispatcher.findSchemaOrThrow("adadelta_ext::fused_adadelta_", overload).typed<Signature>(),
-        dispatcher.findSchemaOrThrow("adadelta_ext::check_fused_adadelta", overload).typed<Signature>()};
+        typed_overload<Lr, Tail...>("adadelta_ext::fused_adadelta_"),
+        typed_overload<Lr, Tail...>("adadelta_ext::check_fused_adadelta")};
   }
 
   std::vector<at::Tensor> params_;

@@ -82,6 +82,15 @@ def integer_grad_scale(lists, options):
     options["grad_scale"] = torch.tensor(2, device=lists["params"][0].device)
 
 
+def param_requiring_grad_in_grad_mode(lists, options):
+    # The op has no derivative: autograd could not follow its update (tests run in grad mode).
+    lists["params"][1].requires_grad_()
+
+
+def state_requiring_grad_in_grad_mode(lists, options):
+    lists["acc_deltas"][1].requires_grad_()
+
+
 OP_MISUSES = {
     "one_grad_fewer": (one_grad_fewer, "must have the same length, got 2, 1, 2, 2 and 2"),
     "integer_params": (integer_params, r"params\[0\] has dtype Long"),
@@ -124,6 +133,14 @@ OP_MISUSES = {
     ),
     "tensor_lr_of_two_elements": (tensor_lr_of_two_elements, "lr must have one element, got 2"),
     "integer_grad_scale": (integer_grad_scale, "grad_scale must be a floating-point tensor"),
+    "param_requiring_grad_in_grad_mode": (
+        param_requiring_grad_in_grad_mode,
+        r"params\[1\] requires grad and grad mode is on, but the op has no derivative",
+    ),
+    "state_requiring_grad_in_grad_mode": (
+        state_requiring_grad_in_grad_mode,
+        r"acc_deltas\[1\] requires grad and grad mode is on",
+    ),
 }
 
 
@@ -138,6 +155,19 @@ def test_op_called_with_mismatched_lists_raises_runtime_error_and_changes_nothin
     with pytest.raises(RuntimeError, match=message):
         adadelta_ext.fused_adadelta_(*lists.values(), **options)
 
+    assert_unchanged(lists, before)
+
+
+def test_a_call_that_passed_is_checked_again_once_a_tensor_moves():
+    """The shared-memory check repeats the outcome of an identical call that passed (NOTE
+    [Shared-memory checks, remembered]); the same lists with one tensor moved onto another's memory
+    are checked anew, and refused."""
+    lists = op_lists(TWO_ENTRIES)
+    adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
+    lists["acc_deltas"][1].set_(lists["square_avgs"][0])
+    before = snapshot(lists)
+    with pytest.raises(RuntimeError, match=r"square_avgs\[0\] and acc_deltas\[1\] share memory"):
+        adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
     assert_unchanged(lists, before)
 
 
