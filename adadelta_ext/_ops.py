@@ -53,6 +53,8 @@ def fused_adadelta_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     round_lr_product: bool = False,
+    compensations: list[Tensor] | None = None,
+    stochastic_round_seeds: list[int] | None = None,
 ) -> None:
     """One fused Adadelta step over tensors of one device, in place.
 
@@ -63,8 +65,12 @@ def fused_adadelta_(
     with two roundings, as ``torch.optim.Adadelta(capturable=True)`` does,
     rather than one fused multiply-add. With ``grad_scale``, grads are
     unscaled as ``GradScaler.unscale_`` does and stored back; with a nonzero
-    ``found_inf`` nothing at all changes. Every argument is checked before
-    anything changes (see ``check_fused_adadelta``).
+    ``found_inf`` nothing at all changes. For float16/bfloat16 params,
+    ``compensations`` (one buffer of the param's shape and dtype per param)
+    applies the update with Kahan summation, and ``stochastic_round_seeds``
+    (one integer per param) rounds the param stochastically; at most one of the
+    two. Every argument is checked before anything changes (see
+    ``check_fused_adadelta``).
     """
     lr_options = {"round_lr_product": round_lr_product} if isinstance(lr, Tensor) else {}
     _overload(torch.ops.adadelta_ext.fused_adadelta_, lr)(
@@ -81,6 +87,8 @@ def fused_adadelta_(
         grad_scale=grad_scale,
         found_inf=found_inf,
         **lr_options,
+        compensations=compensations,
+        stochastic_round_seeds=stochastic_round_seeds,
     )
 
 

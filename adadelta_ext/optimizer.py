@@ -22,6 +22,10 @@ except ImportError:  # a torch built without torch.distributed
 
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 _STATE_KEYS = ("square_avg", "acc_delta")
+# Beside them for float16/bfloat16 params: the Kahan compensation buffer (kahan_sum=True) and the
+# seed of the stochastic rounding (stochastic_round=True). torch.optim.Adadelta ignores both.
+_KAHAN_KEY = "kahan_comp"
+_SEED_KEY = "stochastic_round_seed"
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -46,9 +50,24 @@ def _fused_adadelta_outside_the_graph(*tensor_lists: list[Tensor], **options: An
     fused_adadelta_(*tensor_lists, **options)
 
 
+def _layout_differs(param: Tensor, state: Tensor) -> bool:
+    """Whether a state tensor of param's shape is laid out otherwise than state made for it now."""
+    if state.stride() == param.stride():
+        return False
+    # State of a param that is not dense (a view) is contiguous, not of the param's strides:
+    # compare with what preserve_format makes, on meta (no memory to allocate or fill).
+    layout = torch.empty_like(param, device="meta", memory_format=torch.preserve_format)
+    return layout.stride() != state.stride()
+
+
 def _scalar_dtype() -> torch.dtype:
     # The dtype torch.optim keeps `step` in.
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+# Implementation choices rather than hyperparameters: attributes, kept out of param_groups so that
+# state_dict() has torch.optim.Adadelta's layout.
+_OPTIMIZER_OPTIONS = ("fp32_state", "kahan_sum", "stochastic_round")
 
 
 class FusedAdadelta(Optimizer):
@@ -81,6 +100,23 @@ class FusedAdadelta(Optimizer):
       (params, state and counters) when an inf was found, without a host sync.
     - ``fp32_state=True`` keeps ``square_avg`` and ``acc_delta`` in float32 for
       float16/bfloat16 params: more accurate, twice the state memory.
+    - Pure float16/bfloat16 training that keeps up with float32, where updates
+      are smaller than half the spacing of a weight's dtype around it (lost,
+      every step, by round-to-nearest). For float16/bfloat16 params only (no
+      effect on others), one of:
+
+      - ``kahan_sum=True`` applies each update with Kahan summation: what
+        rounding the param lost is kept in ``state["kahan_comp"]`` (the param's
+        dtype: +2 bytes of memory and +4 of traffic per element) and added to
+        the next update. Deterministic.
+      - ``stochastic_round=True`` rounds each param up or down at random, with
+        probability by distance, so updates are kept on average. No memory;
+        the random bits hash (seed, step, element index), the seed drawn from
+        torch's default generator into ``state["stochastic_round_seed"]``.
+
+      Both keys are saved in ``state_dict()`` and ignored by
+      :class:`torch.optim.Adadelta`; state without them (a torch checkpoint)
+      gets a fresh buffer or seed at the next step.
     - Grads of another dtype than their param (torch's ``grad_dtype``, e.g.
       float32 grads on bfloat16 weights) are read as they are, in the same pass.
     - State follows its param: if the param's dtype, device or memory format
@@ -108,6 +144,8 @@ class FusedAdadelta(Optimizer):
         maximize: bool = False,
         differentiable: bool = False,
         fp32_state: bool = False,
+        kahan_sum: bool = False,
+        stochastic_round: bool = False,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -119,6 +157,8 @@ class FusedAdadelta(Optimizer):
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if kahan_sum and stochastic_round:
+            raise ValueError("kahan_sum and stochastic_round exclude each other: choose one")
         if differentiable:
             raise ValueError(
                 "FusedAdadelta does not support differentiable=True; use torch.optim.Adadelta for that"
@@ -133,20 +173,22 @@ class FusedAdadelta(Optimizer):
             "foreach": foreach,
             "differentiable": differentiable,
         }
-        # An implementation choice, not a hyperparameter: kept out of param_groups
-        # so that state_dict() has torch.optim.Adadelta's layout.
         self.fp32_state = fp32_state
+        self.kahan_sum = kahan_sum
+        self.stochastic_round = stochastic_round
         self._kept = None  # see NOTE [Kept calls]
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
         # Optimizer.__getstate__ keeps defaults, state and param_groups only:
-        # copy.deepcopy and pickle would otherwise drop fp32_state.
-        return {**super().__getstate__(), "fp32_state": self.fp32_state}
+        # copy.deepcopy and pickle would otherwise drop these options.
+        options = {name: getattr(self, name) for name in _OPTIMIZER_OPTIONS}
+        return {**super().__getstate__(), **options}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("fp32_state", False)
+        for name in _OPTIMIZER_OPTIONS:
+            self.__dict__.setdefault(name, False)
         self._kept = None
         for group in self.param_groups:
             group.setdefault("foreach", None)
@@ -246,12 +288,16 @@ class FusedAdadelta(Optimizer):
         # (Tensors only: torch.compile runs _init_group outside the trace and wraps what it adds.)
         created: list[Tensor] = []
         replaced: list[Tensor] = []
+        # Params whose existing state this step gave a compensation buffer or seed, and, two
+        # tensors each, (param, compensation) for compensation buffers it converted.
+        completed: list[Tensor] = []
+        replaced_compensations: list[Tensor] = []
         try:
             calls = []
             group_calls = []
             for group in self.param_groups:
                 lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
-                self._init_group(group, *lists, created, replaced)
+                self._init_group(group, *lists, created, replaced, completed, replaced_compensations)
                 group_calls.append(list(self._kernel_calls(group, lists)) if lists[0] else [])
                 calls.extend(group_calls[-1])
             if len(calls) > 1:
@@ -269,6 +315,11 @@ class FusedAdadelta(Optimizer):
             for index in range(0, len(replaced), 4):
                 p, *previous = replaced[index : index + 4]
                 self.state[p].update(zip(("step", *_STATE_KEYS), previous, strict=True))
+            for p in completed:
+                self.state[p].pop(_KAHAN_KEY if self.kahan_sum else _SEED_KEY)
+            for index in range(0, len(replaced_compensations), 2):
+                p, previous = replaced_compensations[index : index + 2]
+                self.state[p][_KAHAN_KEY] = previous
             raise
         if not torch.compiler.is_compiling():
             self._keep_calls(group_calls)
@@ -279,9 +330,10 @@ class FusedAdadelta(Optimizer):
     # state still fits it) and converting them to C++ more: microseconds per param, most of a
     # step for many small params. So after a step the lists stay in C++ (KeptStepLists,
     # csrc/kept_step_lists.cpp), and the next step reuses them while nothing they came from
-    # changed: the same state dict and number of entries, the same params in every group (by
-    # identity), grads on the same params, and every param's dtype, device, shape and strides
-    # (checked in C++, which also reads the grads). Anything else takes the full path, which
+    # changed: the same state dict and number of entries, the same options (fp32_state, kahan_sum,
+    # stochastic_round), the same params in every group (by identity), grads on the same params,
+    # and every param's dtype, device, shape and strides (checked in C++, which also reads the
+    # grads). Anything else takes the full path, which
     # builds them anew. A state tensor replaced other than through load_state_dict (which makes a
     # new state dict) is not seen: change state in place, or through load_state_dict.
     def _keep_calls(self, group_calls: list[list[tuple[tuple[list[Tensor], ...], dict[str, Any]]]]) -> None:
@@ -292,25 +344,33 @@ class FusedAdadelta(Optimizer):
             stepped = {id(p) for tensors, _ in calls for p in tensors[0]}
             without_grad = tuple(p for p in group["params"] if id(p) not in stepped)
             kept_lists = []
-            for (params, _, square_avgs, acc_deltas, state_steps), _ in calls:
+            for (params, _, square_avgs, acc_deltas, state_steps), options in calls:
                 if not all(type(p) is torch.nn.Parameter or type(p) is Tensor for p in params):
                     return  # DTensor (its grad is not its local tensor's) or another subclass
                 if any(p.is_complex() for p in params):
                     return  # outside torch.compile's graph: the full path
-                lists = torch.classes.adadelta_ext.KeptStepLists(params, square_avgs, acc_deltas, state_steps)
+                lists = torch.classes.adadelta_ext.KeptStepLists(
+                    params,
+                    square_avgs,
+                    acc_deltas,
+                    state_steps,
+                    options.get("compensations", []),
+                    options.get("stochastic_round_seeds", []),
+                )
                 kept_lists.append((lists, params[0].device))
             kept_groups.append((tuple(group["params"]), without_grad, kept_lists))
-        self._kept = (self.state, len(self.state), self.fp32_state, kept_groups)
+        options = tuple(getattr(self, name) for name in _OPTIMIZER_OPTIONS)
+        self._kept = (self.state, len(self.state), options, kept_groups)
 
     def _step_kept_calls(self) -> bool:
         """Steps with the kept calls if they still hold (see NOTE [Kept calls]); False if not."""
         if self._kept is None:
             return False
-        state, state_size, fp32_state, kept_groups = self._kept
+        state, state_size, options, kept_groups = self._kept
         if (
             state is not self.state
             or len(state) != state_size
-            or fp32_state != self.fp32_state
+            or options != tuple(getattr(self, name) for name in _OPTIMIZER_OPTIONS)
             or len(kept_groups) != len(self.param_groups)
         ):
             return False
@@ -352,6 +412,8 @@ class FusedAdadelta(Optimizer):
         state_steps: list[Tensor],
         created: list[Tensor],
         replaced: list[Tensor],
+        completed: list[Tensor],
+        replaced_compensations: list[Tensor],
     ) -> None:
         """Fills the lists with the group's params that have grads and their tensors.
 
@@ -360,13 +422,18 @@ class FusedAdadelta(Optimizer):
         in a CUDA graph. Missing state is created, and state whose param changed
         dtype, device or memory format since is converted, each recorded in
         `created` or `replaced` (see step). Sparse grads, mismatched shapes or dtypes are left to the op,
-        which checks every tensor before it changes any.
+        which checks every tensor before it changes any. With kahan_sum or
+        stochastic_round, a float16/bfloat16 param's state without a compensation
+        buffer or seed (made before the option, or by torch.optim.Adadelta) gets a
+        fresh one (`completed`); a compensation buffer is converted with its param
+        (`replaced_compensations`).
         """
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
-            if not state:
+            new = not state
+            if new:
                 created.append(p)
                 state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=p.device)
                 state["square_avg"] = self._state_like(p)
@@ -376,11 +443,43 @@ class FusedAdadelta(Optimizer):
                 state["step"] = state["step"].to(p.device)
                 for key in _STATE_KEYS:
                     state[key] = self._state_like(p, state[key])
+            if p.dtype in _REDUCED_PRECISION:
+                self._init_rounding_state(p, state, new, completed, replaced_compensations)
             params.append(p)
             grads.append(p.grad)
             square_avgs.append(state["square_avg"])
             acc_deltas.append(state["acc_delta"])
             state_steps.append(state["step"])
+
+    def _init_rounding_state(
+        self,
+        p: Tensor,
+        state: dict[str, Any],
+        new: bool,
+        completed: list[Tensor],
+        replaced_compensations: list[Tensor],
+    ) -> None:
+        """A float16/bfloat16 param's compensation buffer (kahan_sum) or seed (stochastic_round)."""
+        if self.kahan_sum:
+            compensation = state.get(_KAHAN_KEY)
+            if compensation is None:
+                state[_KAHAN_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if not new:
+                    completed.append(p)
+            elif compensation.shape == p.shape and (
+                compensation.dtype != p.dtype
+                or compensation.device != p.device
+                or _layout_differs(p, compensation)
+            ):
+                replaced_compensations.extend((p, compensation))
+                state[_KAHAN_KEY] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(
+                    compensation
+                )
+        elif self.stochastic_round and _SEED_KEY not in state:
+            # From torch's default generator, so torch.manual_seed governs it.
+            state[_SEED_KEY] = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+            if not new:
+                completed.append(p)
 
     def _state_needs_converting(self, param: Tensor, square_avg: Tensor) -> bool:
         """Whether param changed dtype, device or memory format since its state was made.
@@ -391,34 +490,40 @@ class FusedAdadelta(Optimizer):
             return False
         if square_avg.dtype != self._state_dtype(param) or square_avg.device != param.device:
             return True
-        if square_avg.stride() == param.stride():
-            return False
-        # State of a param that is not dense (a view) is contiguous, not of the param's strides:
-        # compare with what preserve_format makes, on meta (no memory to allocate or fill).
-        layout = torch.empty_like(param, device="meta", memory_format=torch.preserve_format)
-        return layout.stride() != square_avg.stride()
+        return _layout_differs(param, square_avg)
 
     def _kernel_calls(
         self, group: dict[str, Any], lists: tuple[list[Tensor], ...]
     ) -> Iterator[tuple[tuple[list[Tensor], ...], dict[str, Any]]]:
-        """The op calls for one param group's lists: (tensor lists, options), one per device."""
-        if any(isinstance(p, DTensor) for p in lists[0]):
+        """The op calls for one param group's lists: (tensor lists, options), one per device, and,
+        with kahan_sum or stochastic_round, one for the device's float16/bfloat16 params, which
+        take their compensation buffers or seeds, and one for the rest."""
+        originals = lists[0]
+        if any(isinstance(p, DTensor) for p in originals):
             lists = tuple([_local(t) for t in tensors] for tensors in lists)
-        params = lists[0]
+        rounding = self.kahan_sum or self.stochastic_round
 
         # One call per device, not Optimizer._group_tensors_by_device_and_dtype's one per
         # (device, dtype): the op takes mixed dtypes in one pass, and an error then names a
         # param by its index in the group, not in a per-dtype sublist.
-        devices = list(dict.fromkeys(p.device for p in params))
-        per_device = [(devices[0], lists)]
-        if len(devices) > 1:
-            per_device = []
-            for device in devices:
-                indices = [i for i, p in enumerate(params) if p.device == device]
-                per_device.append((device, tuple([t[i] for i in indices] for t in lists)))
+        keys = [(p.device, rounding and p.dtype in _REDUCED_PRECISION) for p in lists[0]]
+        distinct = list(dict.fromkeys(keys))
+        per_call = [(distinct[0], lists, range(len(keys)))]
+        if len(distinct) > 1:
+            per_call = []
+            for key in distinct:
+                indices = [i for i, k in enumerate(keys) if k == key]
+                per_call.append((key, tuple([t[i] for i in indices] for t in lists), indices))
 
-        for device, tensors in per_device:
-            yield tensors, self._call_options(group, device)
+        for (device, rounded), tensors, indices in per_call:
+            options = self._call_options(group, device)
+            if rounded:
+                states = [self.state[originals[i]] for i in indices]
+                if self.kahan_sum:
+                    options["compensations"] = [_local(state[_KAHAN_KEY]) for state in states]
+                else:
+                    options["stochastic_round_seeds"] = [state[_SEED_KEY] for state in states]
+            yield tensors, options
 
     def _call_options(self, group: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """The op's options for the group's params on `device`."""

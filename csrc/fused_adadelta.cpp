@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "cpu/adadelta_cpu_kernel.h"
@@ -66,6 +67,10 @@ void bump_versions_of_written_tensors(
     if (grads_are_written) {
       refuse_grad_mode(grads, "grads");
     }
+    const CompensationsArgument& compensations = std::get<sizeof...(Tail) - 2>(std::tie(tail...));
+    if (compensations.has_value()) {
+      refuse_grad_mode(*compensations, "compensations");
+    }
   }
   static const auto op = typed_overload<Lr, Tail...>("adadelta_ext::fused_adadelta_");
   {
@@ -84,15 +89,25 @@ void bump_versions_of_written_tensors(
       torch::autograd::impl::bump_version(grad);
     }
   }
+  const CompensationsArgument& compensations = std::get<sizeof...(Tail) - 2>(std::tie(tail...));
+  if (compensations.has_value()) {
+    for (const at::Tensor& compensation : *compensations) {
+      torch::autograd::impl::bump_version(compensation);
+    }
+  }
 }
 
 // Both overloads' version-bumping kernels for one key.
 template <bool kAutograd>
 void impl_bump_versions(torch::Library& m) {
-  m.impl("fused_adadelta_", TORCH_FN((bump_versions_of_written_tensors<kAutograd, double>)));
+  m.impl(
+      "fused_adadelta_",
+      TORCH_FN((bump_versions_of_written_tensors<
+                kAutograd, double, CompensationsArgument, SeedsArgument>)));
   m.impl(
       "fused_adadelta_.tensor_lr",
-      TORCH_FN((bump_versions_of_written_tensors<kAutograd, const at::Tensor&, bool>)));
+      TORCH_FN((bump_versions_of_written_tensors<
+                kAutograd, const at::Tensor&, bool, CompensationsArgument, SeedsArgument>)));
 }
 
 } // namespace
@@ -102,6 +117,9 @@ TORCH_LIBRARY(adadelta_ext, m) {
   // in place. grads are mutable because, when grad_scale is given, the
   // kernel unscales them in place as GradScaler.unscale_ would.
   // Each state_steps[i] is incremented by one, unless found_inf is set.
+  // compensations (Kahan summation) or stochastic_round_seeds (stochastic
+  // rounding), for float16/bfloat16 params: how the param is rounded (see
+  // adadelta_math.h).
   // round_lr_product (tensor lr only): param + update * (-lr) with two
   // roundings, as torch.optim.Adadelta(capturable=True) computes a tensor lr
   // step; otherwise one fused multiply-add, as it computes every other step.
@@ -110,25 +128,29 @@ TORCH_LIBRARY(adadelta_ext, m) {
       "Tensor(c!)[] square_avgs, Tensor(d!)[] acc_deltas, "
       "Tensor(e!)[] state_steps, *, float lr, float rho, float eps, "
       "float weight_decay, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor(f!)[]? compensations=None, "
+      "int[]? stochastic_round_seeds=None) -> ()");
   m.def(
       "fused_adadelta_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
       "Tensor(c!)[] square_avgs, Tensor(d!)[] acc_deltas, "
       "Tensor(e!)[] state_steps, *, Tensor lr, float rho, float eps, "
       "float weight_decay, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, bool round_lr_product=False) -> ()");
+      "Tensor? found_inf=None, bool round_lr_product=False, "
+      "Tensor(f!)[]? compensations=None, int[]? stochastic_round_seeds=None) -> ()");
   // Raises what fused_adadelta_ would raise for the same arguments, and changes
   // nothing: an optimizer making several calls checks them all first.
   m.def(
       "check_fused_adadelta(Tensor[] params, Tensor[] grads, Tensor[] square_avgs, "
       "Tensor[] acc_deltas, Tensor[] state_steps, *, float lr, float rho, float eps, "
       "float weight_decay, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor[]? compensations=None, "
+      "int[]? stochastic_round_seeds=None) -> ()");
   m.def(
       "check_fused_adadelta.tensor_lr(Tensor[] params, Tensor[] grads, "
       "Tensor[] square_avgs, Tensor[] acc_deltas, Tensor[] state_steps, *, Tensor lr, "
       "float rho, float eps, float weight_decay, bool maximize, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, bool round_lr_product=False) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, bool round_lr_product=False, "
+      "Tensor[]? compensations=None, int[]? stochastic_round_seeds=None) -> ()");
   // Which instruction set the CPU kernel runs with ("AVX512", "AVX2", "DEFAULT"),
   // and those built that it could run with (see cpu/adadelta_cpu_kernel.h).
   m.def("cpu_kernel_isa() -> str", &cpu::kernel_isa);

@@ -33,10 +33,13 @@ void checked_call(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOption
     Impl(real.tensors, options);
     return;
   }
-  const auto& [params, grads, square_avgs, acc_deltas, state_steps] = real.tensors;
-  for (size_t i = 0; i < params.size(); ++i) {
-    Impl({params[i], grads[i], square_avgs[i], acc_deltas[i], state_steps[i]}, options);
+  for (size_t i = 0; i < real.tensors.params.size(); ++i) {
+    Impl(real.tensors.entry(i), options);
   }
+}
+
+inline std::optional<at::IntArrayRef> optional_list(at::OptionalIntArrayRef list) {
+  return list.has_value() ? std::optional<at::IntArrayRef>(*list) : std::nullopt;
 }
 
 // The op's schema as kernels for m.impl, reaching checked_call<Impl>: the
@@ -54,9 +57,12 @@ void fused_adadelta_kernel(
     double weight_decay,
     bool maximize,
     const std::optional<at::Tensor>& grad_scale,
-    const std::optional<at::Tensor>& found_inf) {
+    const std::optional<at::Tensor>& found_inf,
+    std::optional<at::TensorList> compensations,
+    at::OptionalIntArrayRef stochastic_round_seeds) {
   checked_call<Impl>(
-      {params, grads, square_avgs, acc_deltas, state_steps},
+      {params, grads, square_avgs, acc_deltas, state_steps, compensations,
+       optional_list(stochastic_round_seeds)},
       {lr, std::nullopt, false, rho, eps, weight_decay, maximize, grad_scale, found_inf});
 }
 
@@ -74,14 +80,19 @@ void fused_adadelta_tensor_lr_kernel(
     bool maximize,
     const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& found_inf,
-    bool round_lr_product) {
+    bool round_lr_product,
+    std::optional<at::TensorList> compensations,
+    at::OptionalIntArrayRef stochastic_round_seeds) {
   checked_call<Impl>(
-      {params, grads, square_avgs, acc_deltas, state_steps},
+      {params, grads, square_avgs, acc_deltas, state_steps, compensations,
+       optional_list(stochastic_round_seeds)},
       {0.0, lr, round_lr_product, rho, eps, weight_decay, maximize, grad_scale, found_inf});
 }
 
 // The op's C++ signature: Lr is the lr argument's type (double, or const
 // at::Tensor& for .tensor_lr), Tail the arguments after found_inf.
+using CompensationsArgument = std::optional<at::TensorList>;
+using SeedsArgument = at::OptionalIntArrayRef;
 template <typename Lr, typename... Tail>
 using FusedAdadeltaSignature = void(
     at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, Lr, double,

@@ -150,7 +150,8 @@ void check_options(
 // its first to one past its last element; ranges that intersect are taken to
 // share memory (conservative for interleaved views, exact for everything else).
 
-enum class Role : uint8_t { kParam, kGrad, kSquareAvg, kAccDelta, kStep };
+enum class Role : uint8_t { kParam, kGrad, kSquareAvg, kAccDelta, kStep, kCompensation };
+constexpr size_t kRoles = 6;
 
 const char* role_name(Role role) {
   switch (role) {
@@ -164,6 +165,8 @@ const char* role_name(Role role) {
       return "acc_deltas";
     case Role::kStep:
       return "state_steps";
+    case Role::kCompensation:
+      return "compensations";
   }
   return "?";
 }
@@ -236,7 +239,7 @@ bool check_sorted_ranges(const std::vector<MemoryRange>& ranges, bool grads_are_
 
 // The byte ranges of one call's tensors, role by role (in Role's order), each
 // role's in list order.
-using RangesByRole = std::array<std::vector<MemoryRange>, 5>;
+using RangesByRole = std::array<std::vector<MemoryRange>, kRoles>;
 
 // NOTE [Shared-memory checks, remembered]
 // A training loop calls the op on the same tensors at the same addresses step
@@ -298,6 +301,20 @@ bool shares_dense_layout(const at::Tensor& param, const at::Tensor& other) {
   return other.is_non_overlapping_and_dense();
 }
 
+// A Kahan compensation buffer: the param's shape, dtype and device, written.
+void check_compensation(const at::Tensor& compensation, const at::Tensor& param, size_t index) {
+  check_companion(compensation, param, "compensations", index);
+  TORCH_CHECK(
+      is_reduced_float(param.scalar_type()), "fused_adadelta_: params[", index, "] has dtype ",
+      param.scalar_type(), "; Kahan summation is for float16 and bfloat16 params");
+  TORCH_CHECK(
+      compensation.scalar_type() == param.scalar_type(), "fused_adadelta_: compensations[",
+      index, "] has dtype ", compensation.scalar_type(), " but params[", index,
+      "] has dtype ", param.scalar_type(), "; a compensation has its param's dtype");
+  check_writable(compensation, "compensations", index);
+  check_no_internal_overlap(compensation, Role::kCompensation, index);
+}
+
 } // namespace
 
 AdadeltaHyperparams<double> adadelta_hyperparams(const FusedAdadeltaOptions& options, double lr) {
@@ -316,7 +333,7 @@ AdadeltaHyperparams<double> adadelta_hyperparams(const FusedAdadeltaOptions& opt
 CheckedCall check_fused_adadelta_call(
     const FusedAdadeltaTensors& tensors,
     const FusedAdadeltaOptions& options) {
-  const auto& [params, grads, square_avgs, acc_deltas, state_steps] = tensors;
+  const auto& [params, grads, square_avgs, acc_deltas, state_steps, compensations, seeds] = tensors;
   TORCH_CHECK(
       grads.size() == params.size() && square_avgs.size() == params.size() &&
           acc_deltas.size() == params.size() && state_steps.size() == params.size(),
@@ -324,6 +341,18 @@ CheckedCall check_fused_adadelta_call(
       "the same length, got ",
       params.size(), ", ", grads.size(), ", ", square_avgs.size(), ", ",
       acc_deltas.size(), " and ", state_steps.size());
+  TORCH_CHECK(
+      !compensations.has_value() || compensations->size() == params.size(),
+      "fused_adadelta_: compensations must have one entry per param, got ",
+      compensations.has_value() ? compensations->size() : 0, " for ", params.size(), " params");
+  TORCH_CHECK(
+      !seeds.has_value() || seeds->size() == params.size(),
+      "fused_adadelta_: stochastic_round_seeds must have one entry per param, got ",
+      seeds.has_value() ? seeds->size() : 0, " for ", params.size(), " params");
+  TORCH_CHECK(
+      !compensations.has_value() || !seeds.has_value(),
+      "fused_adadelta_: compensations (Kahan summation) and stochastic_round_seeds "
+      "(stochastic rounding) exclude each other");
   if (params.empty()) {
     return {false, false};
   }
@@ -368,7 +397,18 @@ CheckedCall check_fused_adadelta_call(
       check_writable(grads[i], "grads", i);
       check_no_internal_overlap(grads[i], Role::kGrad, i);
     }
+    if (compensations.has_value()) {
+      check_compensation((*compensations)[i], param, i);
+    }
+    if (seeds.has_value()) {
+      TORCH_CHECK(
+          is_reduced_float(param.scalar_type()), "fused_adadelta_: params[", i, "] has dtype ",
+          param.scalar_type(), "; stochastic rounding is for float16 and bfloat16 params");
+    }
     if (has_addresses) {
+      if (compensations.has_value()) {
+        add_range(ranges[5], (*compensations)[i], Role::kCompensation, i);
+      }
       add_range(ranges[0], param, Role::kParam, i);
       add_range(ranges[1], grads[i], Role::kGrad, i);
       add_range(ranges[2], square_avgs[i], Role::kSquareAvg, i);
@@ -396,20 +436,35 @@ RealTensors::RealTensors(const FusedAdadeltaTensors& tensors_in, bool any_comple
   }
 }
 
+FusedAdadeltaTensors FusedAdadeltaTensors::entry(size_t i) const {
+  FusedAdadeltaTensors one{params[i], grads[i], square_avgs[i], acc_deltas[i], state_steps[i]};
+  if (compensations.has_value()) {
+    one.compensations = compensations->slice(i, 1);
+  }
+  if (stochastic_round_seeds.has_value()) {
+    one.stochastic_round_seeds = stochastic_round_seeds->slice(i, 1);
+  }
+  return one;
+}
+
 FlatTensorLists::FlatTensorLists(const FusedAdadeltaTensors& tensors, bool grads_are_written)
     : params(tensors.params),
       grads(tensors.grads),
       square_avgs(tensors.square_avgs),
       acc_deltas(tensors.acc_deltas),
+      compensations(tensors.compensations.value_or(at::TensorList())),
       original_(tensors),
       grads_are_written_(grads_are_written) {
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];
+    const bool has_compensation = !compensations.empty();
     const bool all_contiguous = param.is_contiguous() && grads[i].is_contiguous() &&
-        square_avgs[i].is_contiguous() && acc_deltas[i].is_contiguous();
+        square_avgs[i].is_contiguous() && acc_deltas[i].is_contiguous() &&
+        (!has_compensation || compensations[i].is_contiguous());
     const bool flat = all_contiguous ||
         (param.is_non_overlapping_and_dense() && shares_dense_layout(param, grads[i]) &&
-         shares_dense_layout(param, square_avgs[i]) && shares_dense_layout(param, acc_deltas[i]));
+         shares_dense_layout(param, square_avgs[i]) && shares_dense_layout(param, acc_deltas[i]) &&
+         (!has_compensation || shares_dense_layout(param, compensations[i])));
     if (!flat) {
       copied_.push_back(i);
     }
@@ -417,8 +472,11 @@ FlatTensorLists::FlatTensorLists(const FusedAdadeltaTensors& tensors, bool grads
   if (copied_.empty()) {
     return;
   }
-  at::TensorList* lists[4] = {&params, &grads, &square_avgs, &acc_deltas};
-  for (int list = 0; list < 4; ++list) {
+  at::TensorList* lists[5] = {&params, &grads, &square_avgs, &acc_deltas, &compensations};
+  for (int list = 0; list < 5; ++list) {
+    if (lists[list]->empty()) {
+      continue;  // no compensations
+    }
     lists_with_copies_[list] = lists[list]->vec();
     for (const size_t i : copied_) {
       lists_with_copies_[list][i] = lists_with_copies_[list][i].contiguous();
@@ -437,6 +495,9 @@ void FlatTensorLists::write_back() const {
     copy_if_needed(original_.params[i], params[i]);
     copy_if_needed(original_.square_avgs[i], square_avgs[i]);
     copy_if_needed(original_.acc_deltas[i], acc_deltas[i]);
+    if (!compensations.empty()) {
+      copy_if_needed((*original_.compensations)[i], compensations[i]);
+    }
     if (grads_are_written_) {
       copy_if_needed(original_.grads[i], grads[i]);
     }

@@ -31,13 +31,22 @@ struct FusedAdadeltaOptions {
 // double, as torch.optim computes it in Python.
 AdadeltaHyperparams<double> adadelta_hyperparams(const FusedAdadeltaOptions& options, double lr);
 
-// The op's tensor arguments: one entry per param in each list.
+// The op's per-param arguments: one entry per param in each list.
 struct FusedAdadeltaTensors {
   at::TensorList params;
   at::TensorList grads;
   at::TensorList square_avgs;
   at::TensorList acc_deltas;
   at::TensorList state_steps;
+  // FusedAdadelta(kahan_sum=True): each float16/bfloat16 param's compensation
+  // buffer (NOTE [Kahan summation] in adadelta_math.h).
+  std::optional<at::TensorList> compensations;
+  // FusedAdadelta(stochastic_round=True): each float16/bfloat16 param's seed
+  // (NOTE [Stochastic rounding] in adadelta_math.h).
+  std::optional<at::IntArrayRef> stochastic_round_seeds;
+
+  // The entries of param i alone.
+  FusedAdadeltaTensors entry(size_t i) const;
 };
 
 // What check_fused_adadelta_call learned that the call must act on.
@@ -56,6 +65,8 @@ struct CheckedCall {
 //   bfloat16 or complex; grads of the param's dtype or float32; square_avgs and
 //   acc_deltas both of the param's dtype, or both float32 for float16/bfloat16;
 //   one-element float32/float64 steps;
+// - compensations (of the param's shape and dtype) or stochastic_round_seeds,
+//   not both, and only for float16/bfloat16 params;
 // - no inference tensor outside InferenceMode, as for ATen's in-place ops;
 // - no written tensor (params, states, and grads when grad_scale unscales them)
 //   whose elements share memory, and no two tensors of different roles
@@ -96,16 +107,18 @@ class FlatTensorLists {
   void write_back() const;
 
   // The caller's lists (nothing copied, the common case), or lists holding
-  // contiguous copies where a param needs them.
+  // contiguous copies where a param needs them. compensations is empty
+  // without the caller's.
   at::TensorList params;
   at::TensorList grads;
   at::TensorList square_avgs;
   at::TensorList acc_deltas;
+  at::TensorList compensations;
 
  private:
   FusedAdadeltaTensors original_;
   bool grads_are_written_;
-  std::vector<at::Tensor> lists_with_copies_[4];
+  std::vector<at::Tensor> lists_with_copies_[5];
   std::vector<size_t> copied_;
 };
 

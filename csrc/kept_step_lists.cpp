@@ -21,11 +21,15 @@ class KeptStepLists : public torch::CustomClassHolder {
       std::vector<at::Tensor> params,
       std::vector<at::Tensor> square_avgs,
       std::vector<at::Tensor> acc_deltas,
-      std::vector<at::Tensor> state_steps)
+      std::vector<at::Tensor> state_steps,
+      std::vector<at::Tensor> compensations,
+      std::vector<int64_t> stochastic_round_seeds)
       : params_(std::move(params)),
         square_avgs_(std::move(square_avgs)),
         acc_deltas_(std::move(acc_deltas)),
-        state_steps_(std::move(state_steps)) {
+        state_steps_(std::move(state_steps)),
+        compensations_(std::move(compensations)),
+        stochastic_round_seeds_(std::move(stochastic_round_seeds)) {
     layouts_.reserve(params_.size());
     for (const at::Tensor& param : params_) {
       layouts_.push_back(
@@ -66,16 +70,23 @@ class KeptStepLists : public torch::CustomClassHolder {
     for (const at::Tensor& param : params_) {
       grads_.push_back(param.grad());
     }
+    // Empty for none: the lists are kept for one or more params.
+    const CompensationsArgument compensations = compensations_.empty()
+        ? std::nullopt
+        : CompensationsArgument(compensations_);
+    const SeedsArgument seeds = stochastic_round_seeds_.empty()
+        ? SeedsArgument()
+        : SeedsArgument(stochastic_round_seeds_);
     if (lr_tensor.has_value()) {
-      static const auto ops = typed_ops<const at::Tensor&, bool>();
+      static const auto ops = typed_ops<const at::Tensor&, bool, CompensationsArgument, SeedsArgument>();
       ops[check_only].call(
           params_, grads_, square_avgs_, acc_deltas_, state_steps_, *lr_tensor, rho, eps,
-          weight_decay, maximize, grad_scale, found_inf, round_lr_product);
+          weight_decay, maximize, grad_scale, found_inf, round_lr_product, compensations, seeds);
     } else {
-      static const auto ops = typed_ops<double>();
+      static const auto ops = typed_ops<double, CompensationsArgument, SeedsArgument>();
       ops[check_only].call(
           params_, grads_, square_avgs_, acc_deltas_, state_steps_, lr, rho, eps, weight_decay,
-          maximize, grad_scale, found_inf);
+          maximize, grad_scale, found_inf, compensations, seeds);
     }
     grads_.clear();  // no reference to a grad outlives the step
   }
@@ -100,6 +111,8 @@ class KeptStepLists : public torch::CustomClassHolder {
   std::vector<at::Tensor> square_avgs_;
   std::vector<at::Tensor> acc_deltas_;
   std::vector<at::Tensor> state_steps_;
+  std::vector<at::Tensor> compensations_;
+  std::vector<int64_t> stochastic_round_seeds_;
   std::vector<Layout> layouts_;
   std::vector<at::Tensor> grads_;
 };
@@ -110,7 +123,7 @@ TORCH_LIBRARY_FRAGMENT(adadelta_ext, m) {
   m.class_<KeptStepLists>("KeptStepLists")
       .def(torch::init<
            std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>())
+           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>>())
       .def("ready", &KeptStepLists::ready)
       .def("call", &KeptStepLists::call);
 }

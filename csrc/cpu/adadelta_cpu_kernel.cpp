@@ -95,6 +95,9 @@ struct VectorRounding {
   static OpVec add(const OpVec& a, const OpVec& b) {
     return a + b;
   }
+  static OpVec sub(const OpVec& a, const OpVec& b) {
+    return a - b;
+  }
   static OpVec div(const OpVec& a, const OpVec& b) {
     return a / b;
   }
@@ -120,7 +123,33 @@ struct VectorRounding {
   }
 };
 
-template <typename param_t, typename grad_t, typename state_t>
+// A float vector rounded to nearest even in param_t, back as floats: the
+// param as the store will round it.
+template <typename param_t>
+Vectorized<float> round_to(const Vectorized<float>& values) {
+  return std::get<0>(at::vec::convert_to_float<param_t>(at::vec::convert_from_float<param_t>(values, values)));
+}
+
+// The block's param values rounded stochastically (NOTE [Stochastic rounding]),
+// element offset + j taking the bits of index offset + j.
+template <typename param_t, int kParts>
+void stochastic_round(Vectorized<float> (&values)[kParts], int64_t offset, uint64_t key) {
+  constexpr int64_t kLanes = Vectorized<float>::size();
+  float lanes[kParts * kLanes];
+  for (int part = 0; part < kParts; ++part) {
+    values[part].store(lanes + part * kLanes);
+  }
+  for (int64_t j = 0; j < kParts * kLanes; ++j) {
+    const uint32_t random = stochastic_round_bits(key, static_cast<uint64_t>(offset + j));
+    lanes[j] = std::is_same_v<param_t, c10::BFloat16> ? stochastic_round_to_bfloat16(lanes[j], random)
+                                                      : stochastic_round_to_float16(lanes[j], random);
+  }
+  for (int part = 0; part < kParts; ++part) {
+    values[part] = Vectorized<float>::loadu(lanes + part * kLanes);
+  }
+}
+
+template <typename param_t, typename grad_t, typename state_t, ParamRounding kRounding>
 void update_range(
     const FlatTensorPointers& tensors,
     int64_t begin,
@@ -134,6 +163,7 @@ void update_range(
   using ParamIO = BlockIO<param_t, opmath, kParts>;
   using GradIO = BlockIO<grad_t, opmath, kParts>;
   using StateIO = BlockIO<state_t, opmath, kParts>;
+  static_assert(kRounding == ParamRounding::kNearest || is_reduced_float<param_t>);
 
   const auto hyper = hyperparams_as<OpVec, opmath>(arguments.hyper);
   const OpVec inverse_grad_scale(opmath(arguments.inverse_grad_scale));
@@ -142,6 +172,7 @@ void update_range(
   auto* const grad = static_cast<grad_t*>(tensors.grad);
   auto* const square_avg = static_cast<state_t*>(tensors.square_avg);
   auto* const acc_delta = static_cast<state_t*>(tensors.acc_delta);
+  auto* const compensation = static_cast<param_t*>(tensors.compensation);
 
   const auto update_block = [&](int64_t offset, int64_t count) {
     OpVec param_vec[kParts], grad_vec[kParts], square_avg_vec[kParts],
@@ -160,10 +191,24 @@ void update_range(
         GradIO::load(grad + offset, count, grad_vec);
       }
     }
-    for (int part = 0; part < kParts; ++part) {
-      adadelta_update<VectorRounding<opmath>>(
-          param_vec[part], grad_vec[part], square_avg_vec[part],
-          acc_delta_vec[part], hyper);
+    if constexpr (kRounding == ParamRounding::kKahan) {
+      OpVec compensation_vec[kParts];
+      ParamIO::load(compensation + offset, count, compensation_vec);
+      for (int part = 0; part < kParts; ++part) {
+        adadelta_update_kahan<VectorRounding<opmath>>(
+            param_vec[part], compensation_vec[part], grad_vec[part], square_avg_vec[part],
+            acc_delta_vec[part], hyper, &round_to<param_t>);
+      }
+      ParamIO::store(compensation + offset, count, compensation_vec);
+    } else {
+      for (int part = 0; part < kParts; ++part) {
+        adadelta_update<VectorRounding<opmath>>(
+            param_vec[part], grad_vec[part], square_avg_vec[part],
+            acc_delta_vec[part], hyper);
+      }
+      if constexpr (kRounding == ParamRounding::kStochastic) {
+        stochastic_round<param_t>(param_vec, offset, tensors.stochastic_round_key);
+      }
     }
     ParamIO::store(param + offset, count, param_vec);
     StateIO::store(square_avg + offset, count, square_avg_vec);
@@ -183,7 +228,8 @@ void update_range(
 
 // Every (param, grad, state) dtype triple the op accepts (see
 // check_fused_adadelta_call): grads of the param's dtype or float32; state of
-// the param's dtype, or float32 for float16/bfloat16.
+// the param's dtype, or float32 for float16/bfloat16; float16/bfloat16 params
+// with each rounding.
 UpdateRangeFn find_update_range_in_this_build(const KernelDtypes& dtypes) {
   using c10::BFloat16;
   using c10::Half;
@@ -192,28 +238,40 @@ UpdateRangeFn find_update_range_in_this_build(const KernelDtypes& dtypes) {
     KernelDtypes dtypes;
     UpdateRangeFn update_range;
   };
+  constexpr ParamRounding kNearest = ParamRounding::kNearest;
+  // The float16/bfloat16 instances, with one rounding.
+#define ADADELTA_REDUCED_FLOAT_INSTANCES(rounding)                                        \
+  {{ScalarType::Half, ScalarType::Half, ScalarType::Half, rounding},                       \
+   &update_range<Half, Half, Half, rounding>},                                             \
+      {{ScalarType::Half, ScalarType::Half, ScalarType::Float, rounding},                  \
+       &update_range<Half, Half, float, rounding>},                                        \
+      {{ScalarType::Half, ScalarType::Float, ScalarType::Half, rounding},                  \
+       &update_range<Half, float, Half, rounding>},                                        \
+      {{ScalarType::Half, ScalarType::Float, ScalarType::Float, rounding},                 \
+       &update_range<Half, float, float, rounding>},                                       \
+      {{ScalarType::BFloat16, ScalarType::BFloat16, ScalarType::BFloat16, rounding},       \
+       &update_range<BFloat16, BFloat16, BFloat16, rounding>},                             \
+      {{ScalarType::BFloat16, ScalarType::BFloat16, ScalarType::Float, rounding},          \
+       &update_range<BFloat16, BFloat16, float, rounding>},                                \
+      {{ScalarType::BFloat16, ScalarType::Float, ScalarType::BFloat16, rounding},          \
+       &update_range<BFloat16, float, BFloat16, rounding>},                                \
+      {{ScalarType::BFloat16, ScalarType::Float, ScalarType::Float, rounding},             \
+       &update_range<BFloat16, float, float, rounding>}
   static constexpr Instance kInstances[] = {
-      {{ScalarType::Float, ScalarType::Float, ScalarType::Float}, &update_range<float, float, float>},
-      {{ScalarType::Double, ScalarType::Double, ScalarType::Double},
-       &update_range<double, double, double>},
-      {{ScalarType::Double, ScalarType::Float, ScalarType::Double},
-       &update_range<double, float, double>},
-      {{ScalarType::Half, ScalarType::Half, ScalarType::Half}, &update_range<Half, Half, Half>},
-      {{ScalarType::Half, ScalarType::Half, ScalarType::Float}, &update_range<Half, Half, float>},
-      {{ScalarType::Half, ScalarType::Float, ScalarType::Half}, &update_range<Half, float, Half>},
-      {{ScalarType::Half, ScalarType::Float, ScalarType::Float}, &update_range<Half, float, float>},
-      {{ScalarType::BFloat16, ScalarType::BFloat16, ScalarType::BFloat16},
-       &update_range<BFloat16, BFloat16, BFloat16>},
-      {{ScalarType::BFloat16, ScalarType::BFloat16, ScalarType::Float},
-       &update_range<BFloat16, BFloat16, float>},
-      {{ScalarType::BFloat16, ScalarType::Float, ScalarType::BFloat16},
-       &update_range<BFloat16, float, BFloat16>},
-      {{ScalarType::BFloat16, ScalarType::Float, ScalarType::Float},
-       &update_range<BFloat16, float, float>},
+      {{ScalarType::Float, ScalarType::Float, ScalarType::Float, kNearest},
+       &update_range<float, float, float, kNearest>},
+      {{ScalarType::Double, ScalarType::Double, ScalarType::Double, kNearest},
+       &update_range<double, double, double, kNearest>},
+      {{ScalarType::Double, ScalarType::Float, ScalarType::Double, kNearest},
+       &update_range<double, float, double, kNearest>},
+      ADADELTA_REDUCED_FLOAT_INSTANCES(ParamRounding::kNearest),
+      ADADELTA_REDUCED_FLOAT_INSTANCES(ParamRounding::kKahan),
+      ADADELTA_REDUCED_FLOAT_INSTANCES(ParamRounding::kStochastic),
   };
+#undef ADADELTA_REDUCED_FLOAT_INSTANCES
   for (const Instance& instance : kInstances) {
     if (instance.dtypes.param == dtypes.param && instance.dtypes.grad == dtypes.grad &&
-        instance.dtypes.state == dtypes.state) {
+        instance.dtypes.state == dtypes.state && instance.dtypes.rounding == dtypes.rounding) {
       return instance.update_range;
     }
   }

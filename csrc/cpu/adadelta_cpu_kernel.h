@@ -12,12 +12,19 @@
 
 namespace adadelta_ext::cpu {
 
-// One param's four tensors, each a flat array of numel elements.
+// How a float16/bfloat16 param takes its float32 result (adadelta_math.h):
+// rounded to nearest, as torch.optim.Adadelta does, with Kahan summation, or
+// rounded stochastically. Other params round to nearest.
+enum class ParamRounding : uint8_t { kNearest, kKahan, kStochastic };
+
+// One param's tensors, each a flat array of numel elements.
 struct FlatTensorPointers {
   void* param;
   void* grad;
   void* square_avg;
   void* acc_delta;
+  void* compensation;  // ParamRounding::kKahan: of the param's dtype
+  uint64_t stochastic_round_key;  // ParamRounding::kStochastic: stochastic_round_key()
 };
 
 struct CpuStepArguments {
@@ -36,11 +43,12 @@ using UpdateRangeFn = void (*)(
     int64_t end,
     const CpuStepArguments& arguments);
 
-// The dtypes of one param's tensors, which pick the kernel instance.
+// The dtypes of one param's tensors and its rounding, which pick the kernel instance.
 struct KernelDtypes {
   c10::ScalarType param;
   c10::ScalarType grad;
   c10::ScalarType state;
+  ParamRounding rounding;
 };
 
 // The instance for `dtypes` in the kernel built for the instruction set this

@@ -88,6 +88,13 @@ void increment_steps(at::TensorList state_steps) {
   }
 }
 
+// A step counter's value, read directly (item() dispatches an op).
+uint64_t step_count(const at::Tensor& step) {
+  return static_cast<uint64_t>(
+      step.scalar_type() == at::kFloat ? *step.const_data_ptr<float>()
+                                       : *step.const_data_ptr<double>());
+}
+
 void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
   if (options.found_inf.has_value() && options.found_inf->item<double>() != 0) {
     return;  // GradScaler found an inf or NaN: the step is skipped whole.
@@ -104,14 +111,25 @@ void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAda
   std::vector<FlatTensorPointers> pointers(count);
   std::vector<UpdateRangeFn> kernels(count);
   std::vector<int64_t> ends(count);  // ends[i]: one past param i's last element, counted over all params
+  const auto& seeds = tensors.stochastic_round_seeds;
+  const ParamRounding rounding = !flat.compensations.empty() ? ParamRounding::kKahan
+      : seeds.has_value()                                   ? ParamRounding::kStochastic
+                                                            : ParamRounding::kNearest;
   int64_t total = 0;
   for (size_t i = 0; i < count; ++i) {
     pointers[i] = FlatTensorPointers{
         flat.params[i].data_ptr(), flat.grads[i].data_ptr(),
-        flat.square_avgs[i].data_ptr(), flat.acc_deltas[i].data_ptr()};
+        flat.square_avgs[i].data_ptr(), flat.acc_deltas[i].data_ptr(),
+        flat.compensations.empty() ? nullptr : flat.compensations[i].data_ptr(),
+        // The step count after this step, as the CUDA kernel reads it.
+        seeds.has_value()
+            ? stochastic_round_key(
+                  static_cast<uint64_t>((*seeds)[i]),
+                  step_count(tensors.state_steps[i]) + 1)
+            : 0};
     const KernelDtypes dtypes{
         flat.params[i].scalar_type(), flat.grads[i].scalar_type(),
-        flat.square_avgs[i].scalar_type()};
+        flat.square_avgs[i].scalar_type(), rounding};
     // Params mostly come in runs of one dtype: look the kernel up once per run.
     const bool same_as_previous = i > 0 && dtypes.param == flat.params[i - 1].scalar_type() &&
         dtypes.grad == flat.grads[i - 1].scalar_type() &&

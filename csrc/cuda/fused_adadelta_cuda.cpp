@@ -128,6 +128,10 @@ void launch_group(
 }
 
 void fused_adadelta_cuda_impl(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
+  TORCH_CHECK(
+      !tensors.compensations.has_value() && !tensors.stochastic_round_seeds.has_value(),
+      "fused_adadelta_: Kahan summation (compensations) and stochastic rounding "
+      "(stochastic_round_seeds) are not implemented on CUDA yet; they are on the CPU");
   const c10::cuda::CUDAGuard device_guard(tensors.params[0].device());
 
   const bool unscale_grad = options.grad_scale.has_value();

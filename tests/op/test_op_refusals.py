@@ -91,6 +91,44 @@ def state_requiring_grad_in_grad_mode(lists, options):
     lists["acc_deltas"][1].requires_grad_()
 
 
+def compensation_for_a_float32_param(lists, options):
+    options["compensations"] = [torch.zeros_like(p) for p in lists["params"]]
+
+
+def compensation_of_other_dtype(lists, options):
+    bfloat16_params(lists)
+    options["compensations"] = [torch.zeros_like(p) for p in lists["params"]]
+    options["compensations"][1] = options["compensations"][1].float()
+
+
+def compensation_sharing_memory_with_its_param(lists, options):
+    bfloat16_params(lists)
+    options["compensations"] = [torch.zeros_like(p) for p in lists["params"]]
+    options["compensations"][1] = lists["params"][1]
+
+
+def one_seed_fewer(lists, options):
+    bfloat16_params(lists)
+    options["stochastic_round_seeds"] = [1]
+
+
+def seed_for_a_float32_param(lists, options):
+    options["stochastic_round_seeds"] = [1, 2]
+
+
+def compensations_and_seeds(lists, options):
+    bfloat16_params(lists)
+    options["compensations"] = [torch.zeros_like(p) for p in lists["params"]]
+    options["stochastic_round_seeds"] = [1, 2]
+
+
+def bfloat16_params(lists):
+    for name in ("params", "grads"):
+        lists[name] = [t.bfloat16() for t in lists[name]]
+    for name in ("square_avgs", "acc_deltas"):
+        lists[name] = [t.float() for t in lists[name]]
+
+
 OP_MISUSES = {
     "one_grad_fewer": (one_grad_fewer, "must have the same length, got 2, 1, 2, 2 and 2"),
     "integer_params": (integer_params, r"params\[0\] has dtype Long"),
@@ -137,6 +175,24 @@ OP_MISUSES = {
         param_requiring_grad_in_grad_mode,
         r"params\[1\] requires grad and grad mode is on, but the op has no derivative",
     ),
+    "compensation_for_a_float32_param": (
+        compensation_for_a_float32_param,
+        r"params\[0\] has dtype Float; Kahan summation is for float16 and bfloat16 params",
+    ),
+    "compensation_of_other_dtype": (
+        compensation_of_other_dtype,
+        r"compensations\[1\] has dtype Float but params\[1\] has dtype BFloat16",
+    ),
+    "compensation_sharing_memory_with_its_param": (
+        compensation_sharing_memory_with_its_param,
+        r"params\[1\] and compensations\[1\] share memory",
+    ),
+    "one_seed_fewer": (one_seed_fewer, "stochastic_round_seeds must have one entry per param, got 1 for 2"),
+    "seed_for_a_float32_param": (
+        seed_for_a_float32_param,
+        r"params\[0\] has dtype Float; stochastic rounding is for float16 and bfloat16 params",
+    ),
+    "compensations_and_seeds": (compensations_and_seeds, "exclude each other"),
     "state_requiring_grad_in_grad_mode": (
         state_requiring_grad_in_grad_mode,
         r"acc_deltas\[1\] requires grad and grad mode is on",

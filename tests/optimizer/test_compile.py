@@ -131,6 +131,31 @@ def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp
     torch.testing.assert_close(optimizer_state(optimizers[0]), optimizer_state(optimizers[1]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("option", ["kahan_sum", "stochastic_round"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_step_with_a_16bit_rounding_option_is_bit_identical_to_eager(device, option):
+    """The Kahan compensation buffers and the stochastic rounding seeds (created outside the graph,
+    with the state) reach the traced op: the compiled step gives eager's bits, state included."""
+    compiled_model, eager_model = twin_models(small_model(device, torch.bfloat16))
+    optimizers = [
+        FusedAdadelta(model.parameters(), lr=0.8, **{option: True}) for model in (compiled_model, eager_model)
+    ]
+    compiled_step = torch.compile(optimizers[0].step, fullgraph=True)
+    inputs = model_input(compiled_model)
+    for _ in range(STEPS):
+        for model, step in zip(
+            (compiled_model, eager_model), (compiled_step, optimizers[1].step), strict=True
+        ):
+            model.zero_grad()
+            model(inputs).float().square().mean().backward()
+            torch.manual_seed(5)  # the first step draws the stochastic rounding seeds
+            step()
+
+    assert counters["stats"]["calls_captured"] > 0, "torch.compile must have traced the step"
+    torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(optimizer_state(optimizers[0]), optimizer_state(optimizers[1]), rtol=0, atol=0)
+
+
 @pytest.mark.cuda
 def test_reduce_overhead_training_step_replays_cuda_graphs_and_matches_eager():
     """mode="reduce-overhead" (CUDA graph trees) with capturable=True and a CUDA tensor lr, decayed in
