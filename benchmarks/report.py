@@ -26,21 +26,25 @@ def _percent(value: float) -> str:
     return f"{value:.0%}"
 
 
+def _spread(ceiling: dict) -> str:
+    rates = [sample["gb_per_s"] for sample in ceiling["samples"]]
+    return f"measured {min(rates):.1f} to {max(rates):.1f}"
+
+
 def _ceilings(run: dict) -> list[str]:
     ceiling, copy = run["ceiling"], run["copy"]
-    kernel = ", ".join(f"`{name}`" for name in ceiling["before"]["kernels"])
+    first = ceiling["samples"][0]
+    kernel = ", ".join(f"`{name}`" for name in first["kernels"])
     return [
-        "Ceilings, each the faster of a measurement before the steps and one after (their gap is the"
-        " machine's drift during the run):",
+        f"Ceilings, each the fastest of {len(ceiling['samples'])} measurements, one before the steps and"
+        " one after each workload (their spread is the machine's drift during the run):",
         "",
-        f"- **step pattern: {ceiling['gb_per_s']:.1f} GB/s** ({ceiling['before']['gb_per_s']:.1f} before,"
-        f" {ceiling['after']['gb_per_s']:.1f} after): `p += g; s += g; a += g` over four"
-        f" {ceiling['before']['array_bytes'] / 2**30:.2f} GiB float32 arrays, compiled by inductor into one"
-        f" kernel ({kernel}) that passes over them once: the step's own access pattern, 4 reads and"
-        " 3 in-place writes, 28 B/elem. **of ceiling** is against this.",
-        f"- **copy: {copy['gb_per_s']:.1f} GB/s** ({copy['before']['gb_per_s']:.1f} before,"
-        f" {copy['after']['gb_per_s']:.1f} after): `dst.copy_(src)`, two"
-        f" {copy['before']['buffer_bytes'] / 2**30:.2f} GiB float32 buffers, bytes read + written."
+        f"- **step pattern: {ceiling['gb_per_s']:.1f} GB/s** ({_spread(ceiling)}): `p += g; s += g;"
+        f" a += g` over four {first['array_bytes'] / 2**30:.2f} GiB float32 arrays, compiled by inductor"
+        f" into one kernel ({kernel}) that passes over them once: the step's own access pattern, 4 reads"
+        " and 3 in-place writes, 28 B/elem. **of ceiling** is against this.",
+        f"- **copy: {copy['gb_per_s']:.1f} GB/s** ({_spread(copy)}): `dst.copy_(src)`, two"
+        f" {copy['samples'][0]['buffer_bytes'] / 2**30:.2f} GiB float32 buffers, bytes read + written."
         " On CPU the copy also reads every destination line before writing it (write-allocate), which"
         " it is not credited with, so a step can pass 100% **of copy**.",
     ]
@@ -58,9 +62,9 @@ def _warnings(run: dict) -> list[str]:
         warnings.append(
             f"**Warning: {len(over)} row(s) above 100% of the step-pattern ceiling** ({names}). No step"
             " can move its bytes faster than the pattern that moves only them: the ceiling is wrong,"
-            " or the machine was faster during those steps than during both ceiling measurements."
+            " or the machine was faster during those steps than during every ceiling measurement."
         )
-    ceiling = run["ceiling"]["before"]
+    ceiling = run["ceiling"]["samples"][0]
     if run["machine"]["device_type"] == "cpu" and ceiling["loops"] != 1:
         warnings.append(
             f"**Warning: the step-pattern kernel has {ceiling['loops']} loops, not one**: it may not be"

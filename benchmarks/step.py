@@ -101,8 +101,10 @@ def _reference(params: list[Tensor]) -> Built:
 
 
 def _state(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The state tensors a step reads and writes: with kahan_sum, the compensation buffers too."""
     params = optimizer.param_groups[0]["params"]
-    return [optimizer.state[p][key] for p in params for key in ("square_avg", "acc_delta")]
+    keys = ("square_avg", "acc_delta", "kahan_comp")
+    return [optimizer.state[p][key] for p in params for key in keys if key in optimizer.state[p]]
 
 
 def _stepped(optimizer: torch.optim.Optimizer, step: Callable[[], object]) -> Built:
@@ -151,6 +153,14 @@ def _warmed_up_for_capture(optimizer: torch.optim.Optimizer) -> Built:
     return optimizer.step, _state(optimizer)
 
 
+def _fused_with(option: str) -> Callable[[list[Tensor]], Built]:
+    def build(params: list[Tensor]) -> Built:
+        optimizer = FusedAdadelta(params, rho=RHO, fp32_state=True, **{option: True})
+        return _stepped(optimizer, optimizer.step)
+
+    return build
+
+
 def _fused_cuda_graph(params: list[Tensor]) -> Built:
     # capturable=True with lr a tensor on the device: nothing in the step reads a host value.
     lr = torch.tensor(1.0, device=params[0].device)
@@ -170,6 +180,10 @@ IMPLEMENTATIONS: dict[str, Callable[[list[Tensor]], Built]] = {
     "torch foreach": _torch_foreach,
     "torch.compile foreach": _torch_compile_foreach,
     "FusedAdadelta": _fused,
+    # kahan_sum reads and writes a compensation buffer of the param's dtype (+4 B/elem for
+    # bfloat16); stochastic_round moves no more bytes than FusedAdadelta.
+    "FusedAdadelta kahan_sum": _fused_with("kahan_sum"),
+    "FusedAdadelta stochastic_round": _fused_with("stochastic_round"),
     "torch foreach (CUDA graph)": _torch_foreach_cuda_graph,
     "FusedAdadelta (CUDA graph)": _fused_cuda_graph,
 }
@@ -181,13 +195,20 @@ CUDA_GRAPH_IMPLEMENTATIONS = ("torch foreach (CUDA graph)", "FusedAdadelta (CUDA
 CUDA_GRAPH_WORKLOADS = LAUNCH_BOUND
 
 
-def implementations(device: torch.device, workload: str) -> list[str]:
-    """The implementations timed on `workload` on `device`."""
+# For 16-bit params only (no effect on others), and on the CPU only until the CUDA kernel has them.
+ROUNDING_IMPLEMENTATIONS = ("FusedAdadelta kahan_sum", "FusedAdadelta stochastic_round")
+
+
+def implementations(device: torch.device, workload: str, dtype_name: str) -> list[str]:
+    """The implementations timed on `workload` with `dtype_name` params on `device`."""
     return [
         name
         for name in IMPLEMENTATIONS
-        if name not in CUDA_GRAPH_IMPLEMENTATIONS
-        or (device.type == "cuda" and workload in CUDA_GRAPH_WORKLOADS)
+        if (
+            name not in CUDA_GRAPH_IMPLEMENTATIONS
+            or (device.type == "cuda" and workload in CUDA_GRAPH_WORKLOADS)
+        )
+        and (name not in ROUNDING_IMPLEMENTATIONS or (device.type == "cpu" and dtype_name != "float32"))
     ]
 
 
@@ -433,13 +454,17 @@ def main() -> None:
     cache_bytes = last_level_cache_bytes(device)
 
     load_at_start = os.getloadavg()
-    jobs = [(w, d, i) for w in workloads for d in args.dtypes for i in implementations(device, w)]
+    jobs_of = {w: [(w, d, i) for d in args.dtypes for i in implementations(device, w, d)] for w in workloads}
+    jobs = [job for w in workloads for job in jobs_of[w]]
     results = []
     ceilings = {"step pattern": step_pattern_bandwidth, "copy": copy_bandwidth}
     with tqdm(
-        total=len(jobs) + 2 * len(ceilings) + len(HOST_COST_IMPLEMENTATIONS), unit="measurement"
+        total=len(jobs) + (len(workloads) + 1) * len(ceilings) + len(HOST_COST_IMPLEMENTATIONS),
+        unit="measurement",
     ) as progress:
-        # The ceilings before and after the steps: on a shared machine, their gaps show the drift.
+        # The ceilings before the steps and after each workload: a shared machine's bandwidth drifts
+        # by a third from minute to minute (NOTES entry 5), and a ceiling sampled only before and
+        # after the steps missed the fast periods some steps ran in.
         scratch = scratch_buffer(device, cache_bytes)
 
         def measure_ceilings() -> dict:
@@ -451,7 +476,7 @@ def main() -> None:
                 progress.update()
             return measured
 
-        before = measure_ceilings()
+        samples = [measure_ceilings()]
         host_costs = []
         for implementation in HOST_COST_IMPLEMENTATIONS:
             progress.set_postfix_str(f"host cost {implementation}")
@@ -479,13 +504,13 @@ def main() -> None:
             results.append(row)
             release_memory(device)
             progress.update()
-        after = measure_ceilings()
+            if (workload, dtype_name, implementation) == jobs_of[workload][-1]:
+                samples.append(measure_ceilings())
     # Each ceiling is the best the machine showed.
     ceiling, copy = (
         {
-            "gb_per_s": max(before[name]["gb_per_s"], after[name]["gb_per_s"]),
-            "before": before[name],
-            "after": after[name],
+            "gb_per_s": max(sample[name]["gb_per_s"] for sample in samples),
+            "samples": [sample[name] for sample in samples],
         }
         for name in ceilings
     )
