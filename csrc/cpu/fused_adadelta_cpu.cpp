@@ -88,11 +88,12 @@ void increment_steps(at::TensorList state_steps) {
   }
 }
 
-// A step counter's value, read directly (item() dispatches an op).
+// A step counter's value, read directly (item() dispatches an op). A count
+// no integer holds (negative, NaN: only a hand-made state has one) reads as 0.
 uint64_t step_count(const at::Tensor& step) {
-  return static_cast<uint64_t>(
-      step.scalar_type() == at::kFloat ? *step.const_data_ptr<float>()
-                                       : *step.const_data_ptr<double>());
+  const double count = step.scalar_type() == at::kFloat ? *step.const_data_ptr<float>()
+                                                        : *step.const_data_ptr<double>();
+  return count >= 0 && count < 0x1p64 ? static_cast<uint64_t>(count) : 0;
 }
 
 void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {

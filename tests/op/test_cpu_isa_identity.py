@@ -1,6 +1,7 @@
 """Every instruction-set build of the CPU kernel (DEFAULT, AVX2, AVX-512, as far as this CPU runs
-them) gives bit-identical results: the same float32/float64/bfloat16/float16 steps, in children
-forced onto each build as torch forces its own kernels (ATEN_CPU_CAPABILITY)."""
+them) gives bit-identical results: the same float32/float64/bfloat16/float16 steps, and 16-bit
+steps with Kahan summation and stochastic rounding, in children forced onto each build as torch
+forces its own kernels (ATEN_CPU_CAPABILITY)."""
 
 from __future__ import annotations
 
@@ -23,16 +24,20 @@ import adadelta_ext
 
 rng = np.random.default_rng(0)
 results = {"isa": adadelta_ext.cpu_kernel_isa()}
-for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+runs = [(dtype, {}) for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)]
+runs += [(dtype, {option: True}) for option in ("kahan_sum", "stochastic_round")
+         for dtype in (torch.bfloat16, torch.float16)]
+for dtype, options in runs:
     sizes = (1, 7, 33, 1000, 70001)
     params = [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(n)).to(dtype)) for n in sizes]
-    optimizer = adadelta_ext.FusedAdadelta(params, lr=0.5, weight_decay=0.1)
+    optimizer = adadelta_ext.FusedAdadelta(params, lr=0.5, weight_decay=0.1, **options)
+    torch.manual_seed(0)  # the stochastic rounding seeds
     for _ in range(5):
         for p in params:
             p.grad = torch.from_numpy(rng.standard_normal(p.shape)).to(dtype)
         optimizer.step()
-    state = [optimizer.state[p][key] for p in params for key in ("square_avg", "acc_delta")]
-    results[str(dtype)] = [p.detach() for p in params] + state
+    state = [value for p in params for value in optimizer.state[p].values() if torch.is_tensor(value)]
+    results[f"{dtype} {options}"] = [p.detach() for p in params] + state
 torch.save(results, sys.argv[1])
 """
 
