@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import adadelta_ext
 from adadelta_ext import FusedAdadelta, reference
+from examples._cli import positive_int
 from examples.mnist_data import MnistFormatError, MnistSplit, load_mnist
 
 LOG_EVERY = 30  # steps between recorded losses, as in the tutorial
@@ -320,21 +321,14 @@ def plot_losses(result: DemoResult, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m examples.mnist",
         description=__doc__.split("\n")[0],
     )
     parser.add_argument("--rho", type=float, default=DemoConfig.rho)
-    parser.add_argument("--batch-size", type=_positive_int, default=DemoConfig.batch_size)
-    parser.add_argument("--epochs", type=_positive_int, default=DemoConfig.epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=DemoConfig.batch_size)
+    parser.add_argument("--epochs", type=positive_int, default=DemoConfig.epochs)
     parser.add_argument("--seed", type=int, default=DemoConfig.seed, help="initial weights and batch order")
     parser.add_argument(
         "--data-dir",
@@ -350,7 +344,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DemoConfig.dtype,
         help="float64 shows that the optimizers differ only in rounding",
     )
-    parser.add_argument("--max-steps", type=_positive_int, help="stop each run after this many steps")
+    parser.add_argument("--max-steps", type=positive_int, help="stop each run after this many steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
