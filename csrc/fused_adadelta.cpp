@@ -58,18 +58,26 @@ void bump_versions_of_written_tensors(
     const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& found_inf,
     Tail... tail) {
-  const bool grads_are_written = grad_scale.has_value();
+  // compensations: the second-to-last argument of both overloads.
+  const CompensationsArgument& compensations = std::get<sizeof...(Tail) - 2>(std::tie(tail...));
+  struct WrittenList {
+    at::TensorList tensors;
+    const char* name;
+  };
+  std::vector<WrittenList> written = {
+      {params, "params"},
+      {square_avgs, "square_avgs"},
+      {acc_deltas, "acc_deltas"},
+      {state_steps, "state_steps"}};
+  if (grad_scale.has_value()) {
+    written.push_back({grads, "grads"});
+  }
+  if (compensations.has_value()) {
+    written.push_back({*compensations, "compensations"});
+  }
   if (kAutograd && at::GradMode::is_enabled()) {
-    refuse_grad_mode(params, "params");
-    refuse_grad_mode(square_avgs, "square_avgs");
-    refuse_grad_mode(acc_deltas, "acc_deltas");
-    refuse_grad_mode(state_steps, "state_steps");
-    if (grads_are_written) {
-      refuse_grad_mode(grads, "grads");
-    }
-    const CompensationsArgument& compensations = std::get<sizeof...(Tail) - 2>(std::tie(tail...));
-    if (compensations.has_value()) {
-      refuse_grad_mode(*compensations, "compensations");
+    for (const WrittenList& list : written) {
+      refuse_grad_mode(list.tensors, list.name);
     }
   }
   static const auto op = typed_overload<Lr, Tail...>("adadelta_ext::fused_adadelta_");
@@ -79,20 +87,9 @@ void bump_versions_of_written_tensors(
         keys & c10::after_ADInplaceOrView_keyset, params, grads, square_avgs, acc_deltas,
         state_steps, lr, rho, eps, weight_decay, maximize, grad_scale, found_inf, tail...);
   }
-  for (const at::TensorList written : {params, square_avgs, acc_deltas, state_steps}) {
-    for (const at::Tensor& tensor : written) {
+  for (const WrittenList& list : written) {
+    for (const at::Tensor& tensor : list.tensors) {
       torch::autograd::impl::bump_version(tensor);
-    }
-  }
-  if (grads_are_written) {
-    for (const at::Tensor& grad : grads) {
-      torch::autograd::impl::bump_version(grad);
-    }
-  }
-  const CompensationsArgument& compensations = std::get<sizeof...(Tail) - 2>(std::tie(tail...));
-  if (compensations.has_value()) {
-    for (const at::Tensor& compensation : *compensations) {
-      torch::autograd::impl::bump_version(compensation);
     }
   }
 }

@@ -41,3 +41,12 @@ def test_the_op_bumps_the_version_of_every_tensor_it_writes(grad_scale):
         "acc_deltas": [1],
         "state_steps": [1],
     }
+
+
+def test_the_op_bumps_the_version_of_the_compensations_it_writes():
+    """Kahan summation writes each compensation buffer: its version moves with its param's."""
+    lists = op_lists(dtype=torch.bfloat16, state_dtype=torch.float32)
+    compensations = [torch.zeros_like(p) for p in lists["params"]]
+    versions = [c._version for c in compensations]
+    adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS, compensations=compensations)
+    assert [c._version - v for c, v in zip(compensations, versions, strict=True)] == [1]
