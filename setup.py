@@ -68,8 +68,29 @@ def build_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
 
 
+# The extension must use the libstdc++ that torch's libraries use: the shared one. A toolchain
+# that links it statically by default (the GPU image's Python was built with one, /opt/gcc) puts a
+# private copy in the extension, whose locale state disagrees with the shared copy's: every number
+# formatted into an error message then comes out empty or crashes the process. Naming the library
+# links the shared one wherever the toolchain finds it; the build fails where it does not.
+SHARED_LIBSTDCXX_FLAGS = ["-lstdc++"] if platform.system() == "Linux" else []
+
+
+def libstdcxx_is_shared(shared_object: str) -> bool | None:
+    """Whether shared_object loads libstdc++ as a shared library; None where that cannot be read
+    (not Linux, or no readelf)."""
+    readelf = shutil.which("readelf")
+    if platform.system() != "Linux" or readelf is None:
+        return None
+    dynamic = subprocess.run(
+        [readelf, "--dynamic", shared_object], capture_output=True, text=True, check=True
+    )
+    return "[libstdc++.so" in dynamic.stdout
+
+
 class BuildExtensionPerIsa(BuildExtension):
-    """Compiles CPU_KERNEL_SOURCE once per entry of CPU_KERNEL_FLAGS and links all of them."""
+    """Compiles CPU_KERNEL_SOURCE once per entry of CPU_KERNEL_FLAGS, links all of them, and checks
+    that the result loads the shared libstdc++."""
 
     def build_extension(self, ext):
         cxx_flags = (
@@ -90,6 +111,15 @@ class BuildExtensionPerIsa(BuildExtension):
                 extra_postargs=cxx_flags + CPU_KERNEL_COMMON_FLAGS + isa_flags,
             )
         super().build_extension(ext)
+        built = self.get_ext_fullpath(ext.name)
+        if libstdcxx_is_shared(built) is False:
+            raise RuntimeError(
+                f"{built} holds its own copy of libstdc++, linked statically by "
+                f"{self.compiler.linker_so[0]}, beside the shared one torch loads: numbers in its "
+                "error messages would come out empty or crash the process. Build with a compiler "
+                "that links libstdc++ dynamically, e.g. CC=gcc CXX=g++ LDSHARED='gcc -shared' "
+                "LDCXXSHARED='g++ -shared' pip install --no-build-isolation ."
+            )
 
 
 # The CUDA kernel is built for the GPUs torch runs on: those TORCH_CUDA_ARCH_LIST names when set
@@ -155,7 +185,7 @@ def extension():
     ]
     # BuildExtensionPerIsa compiles the per-ISA kernels with these too.
     cxx_flags = ["-O1", "-fno-omit-frame-pointer", "-g", *SANITIZE_FLAGS] if SANITIZE else ["-O3"]
-    link_flags = ["-fsanitize=address,undefined"] if SANITIZE else []
+    link_flags = SHARED_LIBSTDCXX_FLAGS + (["-fsanitize=address,undefined"] if SANITIZE else [])
     if torch.backends.openmp.is_available():
         # at::parallel_for is a header template: its OpenMP pragmas run in
         # parallel only when this extension is compiled with OpenMP too.

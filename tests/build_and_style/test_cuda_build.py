@@ -10,7 +10,6 @@ compiling.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -209,15 +208,6 @@ def machine_code(number: int) -> str:
 
 def ptx(number: int) -> str:
     return f"-gencode=arch=compute_{number},code=compute_{number}"
-
-
-@pytest.fixture(scope="module")
-def setup_py():
-    """setup.py as a module: it builds only when run as a script, as pip runs it."""
-    spec = importlib.util.spec_from_file_location("adadelta_ext_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def selected_arch_flags(setup_py, monkeypatch, arch_list_env, torch_archs, nvcc_builds=CUDA_13_BUILDS):
