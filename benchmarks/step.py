@@ -439,6 +439,13 @@ def parse_args() -> argparse.Namespace:
         metavar="ELEMENTS",
         help=f"time {' and '.join(SLOW_IMPLEMENTATIONS)} only on workloads of at most ELEMENTS elements",
     )
+    parser.add_argument(
+        "--skip-compile-above",
+        type=int,
+        metavar="TENSORS",
+        help="time torch.compile only on workloads of at most TENSORS tensors (its first step of "
+        "1,000 tensors compiles for minutes)",
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
@@ -499,6 +506,12 @@ def main() -> None:
                 and row["elements"] > args.skip_slow_above
             ):
                 row["skipped"] = f"more than --skip-slow-above {args.skip_slow_above:,} elements"
+            elif (
+                implementation == "torch.compile foreach"
+                and args.skip_compile_above is not None
+                and row["tensors"] > args.skip_compile_above
+            ):
+                row["skipped"] = f"more than --skip-compile-above {args.skip_compile_above:,} tensors"
             else:
                 row |= time_step(implementation, shapes, DTYPES[dtype_name], device, plan, scratch)
             results.append(row)

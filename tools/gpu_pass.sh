@@ -96,9 +96,15 @@ fi
 note "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null ||
   echo 'nvidia-smi not found')"
 note "nvcc: $(nvcc --version 2>/dev/null | tail -n 1 || echo 'not found')"
+note "TORCH_CUDA_ARCH_LIST: ${TORCH_CUDA_ARCH_LIST:-unset (the list torch was built for)}"
 note "torch: $(python -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)' 2>&1 | tail -n 1)"
 
-# ADADELTA_EXT_CUDA=1 makes a build without the CUDA kernel an error.
+# ADADELTA_EXT_CUDA=1 makes a build without the CUDA kernel an error. The compilers on PATH: the
+# image's Python was built with /opt/gcc, which links libstdc++ statically (setup.py's
+# SHARED_LIBSTDCXX_FLAGS; tests/gpu-results/2026-11-26-h100.md).
+export CC="${CC:-gcc}" CXX="${CXX:-g++}"
+export LDSHARED="${LDSHARED:-$CC -shared}" LDCXXSHARED="${LDCXXSHARED:-$CXX -shared}"
+note "compilers: CC=$CC CXX=$CXX LDSHARED=$LDSHARED LDCXXSHARED=$LDCXXSHARED"
 if wanted build && ! ADADELTA_EXT_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" step build 300 \
   python -m pip install --no-build-isolation --no-deps -v -e .; then
   note "build failed: nothing else can run (see $OUT/build.log)"
@@ -118,7 +124,10 @@ fi
 if wanted pytest; then
   # test_packaging installs torch into a fresh venv, which needs the network
   # the GPU machine lacks; CI runs it.
-  step pytest 240 python -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
+  # pytest-xdist, where the image has it, spreads the suite over the machine's cores.
+  workers=()
+  python -c 'import xdist' 2>/dev/null && workers=(-n "${GPU_PASS_PYTEST_WORKERS:-8}")
+  step pytest 240 python -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" "${workers[@]}" \
     --deselect tests/build_and_style/test_packaging.py
   note "pytest counts: $(pytest_counts "$OUT/pytest.log")"
   if grep -E '^SKIPPED' "$OUT/pytest.log" | grep -qi 'cuda'; then
@@ -131,7 +140,12 @@ fi
 # benchmarks/step.py is written separately: its absence is noted, not a failure.
 if wanted benchmark; then
   if [[ -f benchmarks/step.py ]]; then
-    step benchmark 180 python -m benchmarks.step --device cuda --out-dir "$OUT/benchmark"
+    # By default the workloads of the goals (benchmarks/NOTES.md), without torch.compile on 1,000
+    # tensors: its first step compiled for over 3 minutes on an H100 (2026-11-26), more than a
+    # pass can give. GPU_PASS_BENCHMARK_ARGS="" in a call of its own times every row.
+    # shellcheck disable=SC2086 # word splitting wanted
+    step benchmark 200 python -m benchmarks.step --device cuda --out-dir "$OUT/benchmark" \
+      ${GPU_PASS_BENCHMARK_ARGS---workloads 64M 1000x4096 4096000 --skip-slow-above 1000000 --skip-compile-above 100}
   else
     note "benchmark: SKIPPED, no benchmarks/step.py in this checkout"
   fi
@@ -155,18 +169,21 @@ for _ in range(2):
     fused_adadelta_(*lists, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False)
 torch.cuda.synchronize()
 PYTHON
-    step ncu 150 "$NCU" --kernel-name regex:multi_tensor_adadelta_kernel --launch-skip 1 --launch-count 1 \
+    # --clock-control none: the clocks as a training run finds them, not locked to base.
+    step ncu 150 "$NCU" --clock-control none --kernel-name regex:multi_tensor_adadelta_kernel --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       python "$OUT/ncu_step.py"
     grep -E 'DRAM Throughput|Memory Throughput|Duration|Occupancy|Registers Per Thread|Grid Size|Block Size' \
-      "$OUT/ncu.log" | sed 's/^ */ncu: /' | tee -a "$SUMMARY"
+      "$OUT/ncu.log" | grep -v '^==' | sed 's/^ */ncu: /' | tee -a "$SUMMARY"
   fi
 fi
 
 # The CUDA tests: those marked `cuda` (every test that needs a GPU, and no
 # other: tests/build_and_style/test_cuda_build.py's compile tests need only nvcc).
 # Without the caching allocator each tensor is its own allocation, so memcheck
-# reports an access past a tensor's end. The kernel uses no shared memory,
+# reports an access past a tensor's end; API errors are not reported, as
+# cuda-python's probing of driver entry points makes them (34 on 2026-11-26)
+# in every process that imports torch's test utilities. The kernel uses no shared memory,
 # which is what racecheck checks: a short run, the kernel against the CPU op alone.
 if wanted memcheck || wanted racecheck; then
   SANITIZER=$(find_tool compute-sanitizer)
@@ -177,7 +194,7 @@ if wanted memcheck || wanted racecheck; then
 fi
 if wanted memcheck && [[ -n ${SANITIZER:-} ]]; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 200 \
-    "$SANITIZER" --tool memcheck --error-exitcode 86 --print-limit 50 \
+    "$SANITIZER" --tool memcheck --report-api-errors no --error-exitcode 86 --print-limit 50 \
     python -m pytest -q -p no:cacheprovider -m 'cuda and not slow'
   note "memcheck counts: $(pytest_counts "$OUT/memcheck.log")"
   grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /' | tee -a "$SUMMARY"
