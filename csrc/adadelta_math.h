@@ -123,6 +123,11 @@ ADADELTA_HOST_DEVICE void adadelta_update(
 // param. With round-to-nearest, an update under half the spacing of the
 // param's dtype around the param is lost, every step.
 
+// How a float16/bfloat16 param takes its float32 result: rounded to nearest,
+// as torch.optim.Adadelta does, with Kahan summation, or rounded
+// stochastically. Other params round to nearest.
+enum class ParamRounding : uint8_t { kNearest, kKahan, kStochastic };
+
 // NOTE [Kahan summation]
 // The param is stored rounded, and what the rounding lost is stored beside it,
 // in a compensation buffer of the param's dtype, and added back into the next
@@ -211,6 +216,14 @@ ADADELTA_HOST_DEVICE uint64_t mix64(uint64_t x) {
 // every element's bits derive from the key and the element's index.
 ADADELTA_HOST_DEVICE uint64_t stochastic_round_key(uint64_t seed, uint64_t step) {
   return mix64(seed ^ mix64(step));
+}
+
+// The step a param's key takes: its count after this step, from the count
+// before it (a float32 or float64 step tensor's value), which every thread
+// reads before any count is incremented. A count no integer holds (negative,
+// NaN: only a hand-made state has one) counts as 0.
+ADADELTA_HOST_DEVICE uint64_t stochastic_round_step(double count_before) {
+  return (count_before >= 0 && count_before < 0x1p64 ? static_cast<uint64_t>(count_before) : 0) + 1;
 }
 
 // 32 random bits for element `index` of the param's flat array: a 32-bit hash

@@ -47,6 +47,14 @@ struct FusedAdadeltaTensors {
 
   // The entries of param i alone.
   FusedAdadeltaTensors entry(size_t i) const;
+
+  // How the 16-bit params take their results: the checks allow at most one of
+  // compensations and stochastic_round_seeds.
+  ParamRounding rounding() const {
+    return compensations.has_value() ? ParamRounding::kKahan
+        : stochastic_round_seeds.has_value() ? ParamRounding::kStochastic
+                                             : ParamRounding::kNearest;
+  }
 };
 
 // What check_fused_adadelta_call learned that the call must act on.

@@ -44,7 +44,7 @@ SANITIZE_FLAGS = [
     "-fno-sanitize-recover=all",
 ]
 
-# (param, grad, state) dtypes, numbered as harness.cpp's kInstances.
+# (param, grad, state) dtypes, as fused_adadelta_cuda.cpp groups params.
 INSTANCES = [
     (torch.float32, torch.float32, torch.float32),
     (torch.float64, torch.float64, torch.float64),
@@ -57,6 +57,13 @@ INSTANCES = [
     (torch.bfloat16, torch.bfloat16, torch.float32),
     (torch.bfloat16, torch.float32, torch.bfloat16),
     (torch.bfloat16, torch.float32, torch.float32),
+]
+SIXTEEN_BIT_INSTANCES = INSTANCES[3:]
+# How a 16-bit param takes its result: round to nearest, kahan_sum, stochastic_round.
+ROUNDINGS = ("nearest", "kahan", "stochastic")
+# (dtypes, rounding), numbered as harness.cpp's kInstances.
+KERNELS = [(dtypes, "nearest") for dtypes in INSTANCES] + [
+    (dtypes, rounding) for rounding in ROUNDINGS[1:] for dtypes in SIXTEEN_BIT_INSTANCES
 ]
 ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
 CONVERSIONS = {"half_to_float": 0, "float_to_half": 1, "bfloat16_to_float": 2, "float_to_bfloat16": 3}
@@ -90,9 +97,10 @@ def rewrite_launch(source: str) -> str:
     """`kernel<...><<<grid, block, shared, stream>>>(args)` as `emulated_launch(kernel<...>, grid, ...,
     args)`: the one change the host compiler needs."""
     rewritten, count = re.subn(
-        r"(\w+<[^<>;]*>)\s*<<<(.+?)>>>\s*\(", r"emulated_launch(\1, \2, ", source, flags=re.DOTALL
+        r"(\w+(?:<[^<>;]*>)?)\s*<<<(.+?)>>>\s*\(", r"emulated_launch(\1, \2, ", source, flags=re.DOTALL
     )
-    assert count == 1, f"expected one kernel launch in {LAUNCH_SOURCE}, found {count}"
+    # The update kernel's and increment_steps_kernel's.
+    assert count == 2, f"expected two kernel launches in {LAUNCH_SOURCE}, found {count}"
     return rewritten
 
 
@@ -160,13 +168,16 @@ class EmulatedKernel:
         grad_scale=None,
         found_inf=None,
         round_lr_product=False,
+        compensations=None,
+        stochastic_round_seeds=None,
         order="forward",
         seed=0,
         device: EmulatedDevice = HOPPER,
     ) -> list[Launch]:
         """What fused_adadelta_ does on CUDA, on CPU tensors (contiguous, real, checked by the caller):
-        one launch call per (param, grad, state) dtypes, as fused_adadelta_cuda.cpp makes, on `device`.
-        Returns every kernel launch made; raises EmulatedLaunchError if a launch call fails."""
+        one launch call per (param, grad, state) dtypes, as fused_adadelta_cuda.cpp makes, on `device`,
+        then with stochastic rounding one for the step counters. Returns every kernel launch made;
+        raises EmulatedLaunchError if a launch call fails."""
         self.lib.emulated_configure(
             ORDERS[order], seed, device.driver_version, device.compute_capability_major
         )
@@ -180,9 +191,12 @@ class EmulatedKernel:
             scalars += [None, 0] if value is None else [value.data_ptr(), int(value.dtype == torch.float64)]
         number_lr = 0.0 if isinstance(lr, torch.Tensor) else lr
         options = (ctypes.c_double * 4)(number_lr, rho, eps, weight_decay)
+        rounding = "kahan" if compensations is not None else "nearest"
+        rounding = "stochastic" if stochastic_round_seeds is not None else rounding
         groups: dict[int, list[int]] = {}
         for index, (param, grad, square_avg) in enumerate(zip(params, grads, square_avgs, strict=True)):
-            groups.setdefault(INSTANCES.index((param.dtype, grad.dtype, square_avg.dtype)), []).append(index)
+            dtypes = (param.dtype, grad.dtype, square_avg.dtype)
+            groups.setdefault(KERNELS.index((dtypes, rounding)), []).append(index)
         for instance, indices in groups.items():
             tensors = [(params[i], grads[i], square_avgs[i], acc_deltas[i], state_steps[i]) for i in indices]
             assert all(t.is_contiguous() and t.device.type == "cpu" for row in tensors for t in row)
@@ -191,12 +205,22 @@ class EmulatedKernel:
                 *[int(row[4].dtype == torch.float64) for row in tensors]
             )
             numels = (ctypes.c_int64 * len(indices))(*[row[0].numel() for row in tensors])
+            group_compensations = None
+            if compensations is not None:
+                group_compensations = (ctypes.c_void_p * len(indices))(
+                    *[compensations[i].data_ptr() for i in indices]
+                )
+            seeds = None
+            if stochastic_round_seeds is not None:
+                seeds = (ctypes.c_uint64 * len(indices))(*[stochastic_round_seeds[i] for i in indices])
             error = self.lib.emulated_fused_adadelta(
                 instance,
                 ctypes.c_size_t(len(indices)),
                 pointers,
                 step_is_double,
                 numels,
+                group_compensations,
+                seeds,
                 options,
                 int(maximize),
                 int(round_lr_product),
@@ -204,6 +228,23 @@ class EmulatedKernel:
             )
             if error != 0:
                 raise EmulatedLaunchError(f"the emulated launch returned cudaError_t {error}")
+        if stochastic_round_seeds is not None:
+            # After every group's update, group by group, as the glue does.
+            found = readable[2]
+            for indices in groups.values():
+                steps = (ctypes.c_void_p * len(indices))(*[state_steps[i].data_ptr() for i in indices])
+                step_is_double = (ctypes.c_ubyte * len(indices))(
+                    *[int(state_steps[i].dtype == torch.float64) for i in indices]
+                )
+                error = self.lib.emulated_increment_steps(
+                    ctypes.c_size_t(len(indices)),
+                    steps,
+                    step_is_double,
+                    ctypes.c_void_p(None if found is None else found.data_ptr()),
+                    ctypes.c_int(int(found is not None and found.dtype == torch.float64)),
+                )
+                if error != 0:
+                    raise EmulatedLaunchError(f"the emulated step increment returned cudaError_t {error}")
         capacity = 4096
         grids = (ctypes.c_uint * capacity)()
         argument_bytes = (ctypes.c_size_t * capacity)()

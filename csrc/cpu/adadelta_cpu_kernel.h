@@ -12,11 +12,6 @@
 
 namespace adadelta_ext::cpu {
 
-// How a float16/bfloat16 param takes its float32 result (adadelta_math.h):
-// rounded to nearest, as torch.optim.Adadelta does, with Kahan summation, or
-// rounded stochastically. Other params round to nearest.
-enum class ParamRounding : uint8_t { kNearest, kKahan, kStochastic };
-
 // One param's tensors, each a flat array of numel elements.
 struct FlatTensorPointers {
   void* param;

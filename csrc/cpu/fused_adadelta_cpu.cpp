@@ -88,12 +88,9 @@ void increment_steps(at::TensorList state_steps) {
   }
 }
 
-// A step counter's value, read directly (item() dispatches an op). A count
-// no integer holds (negative, NaN: only a hand-made state has one) reads as 0.
-uint64_t step_count(const at::Tensor& step) {
-  const double count = step.scalar_type() == at::kFloat ? *step.const_data_ptr<float>()
-                                                        : *step.const_data_ptr<double>();
-  return count >= 0 && count < 0x1p64 ? static_cast<uint64_t>(count) : 0;
+// A step counter's value, read directly (item() dispatches an op).
+double step_value(const at::Tensor& step) {
+  return step.scalar_type() == at::kFloat ? *step.const_data_ptr<float>() : *step.const_data_ptr<double>();
 }
 
 void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
@@ -113,20 +110,17 @@ void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAda
   std::vector<UpdateRangeFn> kernels(count);
   std::vector<int64_t> ends(count);  // ends[i]: one past param i's last element, counted over all params
   const auto& seeds = tensors.stochastic_round_seeds;
-  const ParamRounding rounding = !flat.compensations.empty() ? ParamRounding::kKahan
-      : seeds.has_value()                                   ? ParamRounding::kStochastic
-                                                            : ParamRounding::kNearest;
+  const ParamRounding rounding = tensors.rounding();
   int64_t total = 0;
   for (size_t i = 0; i < count; ++i) {
     pointers[i] = FlatTensorPointers{
         flat.params[i].data_ptr(), flat.grads[i].data_ptr(),
         flat.square_avgs[i].data_ptr(), flat.acc_deltas[i].data_ptr(),
         flat.compensations.empty() ? nullptr : flat.compensations[i].data_ptr(),
-        // The step count after this step, as the CUDA kernel reads it.
         seeds.has_value()
             ? stochastic_round_key(
                   static_cast<uint64_t>((*seeds)[i]),
-                  step_count(tensors.state_steps[i]) + 1)
+                  stochastic_round_step(step_value(tensors.state_steps[i])))
             : 0};
     const KernelDtypes dtypes{
         flat.params[i].scalar_type(), flat.grads[i].scalar_type(),

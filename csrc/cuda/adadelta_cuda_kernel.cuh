@@ -61,25 +61,42 @@ constexpr int kLargeArgumentBytes = 32764;
 #define ADADELTA_EXT_LARGE_ARGUMENTS_MIN_ARCH 700
 #endif
 
-// Bytes of metadata per tensor: five pointers, numel, block end, step dtype.
-constexpr int kMetadataBytesPerTensor =
-    5 * sizeof(void*) + sizeof(int64_t) + sizeof(int32_t) + sizeof(bool);
+// Bytes of metadata per tensor: five pointers, numel, block end, step dtype;
+// with Kahan summation a compensation pointer, with stochastic rounding a seed.
+constexpr int metadata_bytes_per_tensor(ParamRounding rounding) {
+  return 5 * sizeof(void*) + sizeof(int64_t) + sizeof(int32_t) + sizeof(bool) +
+      (rounding == ParamRounding::kNearest ? 0 : 8);
+}
 
 // The most tensors whose metadata fits in argument_bytes beside the scalars
 // (and tensor_count, with its padding).
-constexpr int max_tensors_per_launch(int argument_bytes) {
+constexpr int max_tensors_per_launch(int argument_bytes, ParamRounding rounding) {
   return (argument_bytes - static_cast<int>(sizeof(AdadeltaStepScalars<double>)) - 16) /
-      kMetadataBytesPerTensor;
+      metadata_bytes_per_tensor(rounding);
 }
+
+// The metadata only the pure 16-bit options need (adadelta_math.h).
+template <int kMaxTensors, ParamRounding kRounding>
+struct RoundingMetadata {};
+template <int kMaxTensors>
+struct RoundingMetadata<kMaxTensors, ParamRounding::kKahan> {
+  void* compensations[kMaxTensors];
+};
+template <int kMaxTensors>
+struct RoundingMetadata<kMaxTensors, ParamRounding::kStochastic> {
+  uint64_t stochastic_round_seeds[kMaxTensors];
+};
 
 // What one launch updates. Blocks are numbered through the tensors in order:
 // tensor i owns blocks [block_ends[i - 1], block_ends[i]) (from 0 for i = 0),
 // one per chunk; a zero-element tensor owns one block, which only increments
 // its step. A tensor never spans two launches, so its step is incremented
-// once, by the block of its chunk 0.
-template <int kArgumentBytes>
-struct MultiTensorLaunchMetadata {
-  static constexpr int kMaxTensors = max_tensors_per_launch(kArgumentBytes);
+// once, by the block of its chunk 0 (under stochastic rounding, by
+// increment_steps_kernel after the update).
+template <int kArgumentBytes, ParamRounding kRounding = ParamRounding::kNearest>
+struct MultiTensorLaunchMetadata
+    : RoundingMetadata<max_tensors_per_launch(kArgumentBytes, kRounding), kRounding> {
+  static constexpr int kMaxTensors = max_tensors_per_launch(kArgumentBytes, kRounding);
   void* params[kMaxTensors];
   void* grads[kMaxTensors];
   void* square_avgs[kMaxTensors];
@@ -93,14 +110,34 @@ struct MultiTensorLaunchMetadata {
 
 static_assert(MultiTensorLaunchMetadata<kSmallArgumentBytes>::kMaxTensors == 75);
 static_assert(MultiTensorLaunchMetadata<kLargeArgumentBytes>::kMaxTensors == 616);
+static_assert(MultiTensorLaunchMetadata<kSmallArgumentBytes, ParamRounding::kKahan>::kMaxTensors == 65);
+static_assert(MultiTensorLaunchMetadata<kLargeArgumentBytes, ParamRounding::kKahan>::kMaxTensors == 535);
+
+template <int kArgumentBytes, ParamRounding kRounding>
+constexpr bool arguments_fit() {
+  return sizeof(MultiTensorLaunchMetadata<kArgumentBytes, kRounding>) +
+      sizeof(AdadeltaStepScalars<double>) <= kArgumentBytes;
+}
 static_assert(
-    sizeof(MultiTensorLaunchMetadata<kSmallArgumentBytes>) +
-            sizeof(AdadeltaStepScalars<double>) <= kSmallArgumentBytes,
+    arguments_fit<kSmallArgumentBytes, ParamRounding::kNearest>() &&
+        arguments_fit<kSmallArgumentBytes, ParamRounding::kKahan>() &&
+        arguments_fit<kSmallArgumentBytes, ParamRounding::kStochastic>(),
     "the 4 KB layout's arguments must fit in 4,096 bytes");
 static_assert(
-    sizeof(MultiTensorLaunchMetadata<kLargeArgumentBytes>) +
-            sizeof(AdadeltaStepScalars<double>) <= kLargeArgumentBytes,
+    arguments_fit<kLargeArgumentBytes, ParamRounding::kNearest>() &&
+        arguments_fit<kLargeArgumentBytes, ParamRounding::kKahan>() &&
+        arguments_fit<kLargeArgumentBytes, ParamRounding::kStochastic>(),
     "the 32 KB layout's arguments must fit in 32,764 bytes");
+
+// The step counters that increment_steps_kernel increments: as many as 4 KB of
+// arguments hold, so that it compiles for every architecture.
+constexpr int kMaxStepCounters = 448;
+struct StepCounters {
+  void* steps[kMaxStepCounters];
+  bool step_is_double[kMaxStepCounters];
+  int count;
+};
+static_assert(sizeof(StepCounters) + sizeof(DeviceScalar) <= kSmallArgumentBytes);
 
 __device__ __forceinline__ float to_opmath(float value) {
   return value;
@@ -151,6 +188,12 @@ struct DeviceRounding {
   __device__ __forceinline__ static double add(double a, double b) {
     return __dadd_rn(a, b);
   }
+  __device__ __forceinline__ static float sub(float a, float b) {
+    return __fsub_rn(a, b);
+  }
+  __device__ __forceinline__ static double sub(double a, double b) {
+    return __dsub_rn(a, b);
+  }
   __device__ __forceinline__ static float div(float a, float b) {
     return __fdiv_rn(a, b);
   }
@@ -188,6 +231,11 @@ template <int kCount>
 struct ContiguousElements {
   static constexpr int kElements = kCount;
   int first;
+
+  // The chunk's element that values[i] holds.
+  __device__ __forceinline__ int index(int i) const {
+    return first + i;
+  }
 
   template <typename T, typename opmath>
   __device__ __forceinline__ void load(const T* chunk, opmath (&values)[kCount]) const {
@@ -227,13 +275,16 @@ struct StridedElements {
   int first;
   int end;
 
+  __device__ __forceinline__ int index(int i) const {
+    return first + i * kThreadsPerBlock;
+  }
+
   template <typename T, typename opmath>
   __device__ __forceinline__ void load(const T* chunk, opmath (&values)[kCount]) const {
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
-      const int index = first + i * kThreadsPerBlock;
       // Past the end, a harmless value: it is updated but never stored.
-      values[i] = index < end ? to_opmath(chunk[index]) : opmath(0);
+      values[i] = index(i) < end ? to_opmath(chunk[index(i)]) : opmath(0);
     }
   }
 
@@ -241,22 +292,36 @@ struct StridedElements {
   __device__ __forceinline__ void store(T* chunk, const opmath (&values)[kCount]) const {
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
-      const int index = first + i * kThreadsPerBlock;
-      if (index < end) {
-        chunk[index] = from_opmath<T>(values[i]);
+      if (index(i) < end) {
+        chunk[index(i)] = from_opmath<T>(values[i]);
       }
     }
   }
 };
 
-// The first element of one chunk in each of a param's four tensors.
+// The first element of one chunk in each of a param's four tensors, and what
+// the pure 16-bit options need of it.
 template <typename param_t, typename grad_t, typename state_t>
 struct ChunkPointers {
   param_t* param;
   grad_t* grad;
   state_t* square_avg;
   state_t* acc_delta;
+  param_t* compensation;  // ParamRounding::kKahan
+  uint64_t stochastic_round_key;  // ParamRounding::kStochastic
+  int64_t begin;  // the index of the chunk's first element in the param
 };
+
+// `value` rounded stochastically to a value of param_t (NOTE [Stochastic rounding]).
+template <typename param_t>
+__device__ __forceinline__ float stochastic_round_to(float value, uint32_t random) {
+  if constexpr (std::is_same_v<param_t, __nv_bfloat16>) {
+    return stochastic_round_to_bfloat16(value, random);
+  } else {
+    static_assert(std::is_same_v<param_t, __half>, "for 16-bit params only");
+    return stochastic_round_to_float16(value, random);
+  }
+}
 
 // The step's scalars once read from the device.
 template <typename opmath>
@@ -267,7 +332,13 @@ struct StepValues {
 };
 
 // Reads each element once, writes it once (grad only when unscaling).
-template <typename Elements, typename param_t, typename grad_t, typename state_t, typename opmath>
+template <
+    ParamRounding kRounding,
+    typename Elements,
+    typename param_t,
+    typename grad_t,
+    typename state_t,
+    typename opmath>
 __device__ __forceinline__ void update_elements(
     const ChunkPointers<param_t, grad_t, state_t>& chunk,
     const Elements& elements,
@@ -289,13 +360,39 @@ __device__ __forceinline__ void update_elements(
     }
     elements.store(chunk.grad, grad);
   }
+  if constexpr (kRounding == ParamRounding::kKahan) {
+    opmath compensation[kCount];
+    elements.load(chunk.compensation, compensation);
 #pragma unroll
-  for (int i = 0; i < kCount; ++i) {
-    adadelta_update<DeviceRounding>(param[i], grad[i], square_avg[i], acc_delta[i], step.hyper);
+    for (int i = 0; i < kCount; ++i) {
+      adadelta_update_kahan<DeviceRounding>(
+          param[i], compensation[i], grad[i], square_avg[i], acc_delta[i], step.hyper,
+          [](opmath value) { return round_to<param_t, opmath>(value); });
+    }
+    elements.store(chunk.compensation, compensation);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      adadelta_update<DeviceRounding>(param[i], grad[i], square_avg[i], acc_delta[i], step.hyper);
+      if constexpr (kRounding == ParamRounding::kStochastic) {
+        const uint32_t random = stochastic_round_bits(
+            chunk.stochastic_round_key, static_cast<uint64_t>(chunk.begin + elements.index(i)));
+        param[i] = stochastic_round_to<param_t>(param[i], random);
+      }
+    }
   }
   elements.store(chunk.param, param);
   elements.store(chunk.square_avg, square_avg);
   elements.store(chunk.acc_delta, acc_delta);
+}
+
+// Atomic: should two params share one step tensor, each adds one, as on the CPU.
+__device__ __forceinline__ void increment_step(void* step, bool step_is_double) {
+  if (step_is_double) {
+    atomicAdd(static_cast<double*>(step), 1.0);
+  } else {
+    atomicAdd(static_cast<float*>(step), 1.0f);
+  }
 }
 
 template <typename opmath>
@@ -328,7 +425,7 @@ __device__ __forceinline__ int tensor_of_block(const Metadata& metadata, int blo
 // The work of one block: one chunk (see MultiTensorLaunchMetadata), in
 // either layout. Taken by reference from the kernel's __grid_constant__
 // arguments, which are read in place, not copied to local memory.
-template <typename param_t, typename grad_t, typename state_t, typename Metadata>
+template <ParamRounding kRounding, typename param_t, typename grad_t, typename state_t, typename Metadata>
 __device__ __forceinline__ void update_chunk_of_block(
     const Metadata& metadata,
     const AdadeltaStepScalars<opmath_t<param_t>>& scalars) {
@@ -355,16 +452,31 @@ __device__ __forceinline__ void update_chunk_of_block(
   const int64_t remaining = metadata.numels[tensor] - chunk_begin;
   const int chunk_size =
       remaining < kChunkElements ? static_cast<int>(remaining) : kChunkElements;
-  const ChunkPointers<param_t, grad_t, state_t> chunk{
+  ChunkPointers<param_t, grad_t, state_t> chunk{
       static_cast<param_t*>(metadata.params[tensor]) + chunk_begin,
       static_cast<grad_t*>(metadata.grads[tensor]) + chunk_begin,
       static_cast<state_t*>(metadata.square_avgs[tensor]) + chunk_begin,
-      static_cast<state_t*>(metadata.acc_deltas[tensor]) + chunk_begin};
+      static_cast<state_t*>(metadata.acc_deltas[tensor]) + chunk_begin,
+      nullptr,
+      0,
+      chunk_begin};
+  if constexpr (kRounding == ParamRounding::kKahan) {
+    chunk.compensation = static_cast<param_t*>(metadata.compensations[tensor]) + chunk_begin;
+  }
+  if constexpr (kRounding == ParamRounding::kStochastic) {
+    // No count is incremented before every block has read its count.
+    const double count = metadata.step_is_double[tensor]
+        ? *static_cast<const double*>(metadata.steps[tensor])
+        : *static_cast<const float*>(metadata.steps[tensor]);
+    chunk.stochastic_round_key =
+        stochastic_round_key(metadata.stochastic_round_seeds[tensor], stochastic_round_step(count));
+  }
 
   // Where the element-wise path starts: past the whole vectors, if any.
   int elementwise_begin = 0;
   if (is_16_byte_aligned(chunk.param) && is_16_byte_aligned(chunk.grad) &&
-      is_16_byte_aligned(chunk.square_avg) && is_16_byte_aligned(chunk.acc_delta)) {
+      is_16_byte_aligned(chunk.square_avg) && is_16_byte_aligned(chunk.acc_delta) &&
+      (kRounding != ParamRounding::kKahan || is_16_byte_aligned(chunk.compensation))) {
     // Whole 16-byte vectors of every tensor per thread per pass: as many
     // elements as 16 bytes hold of the narrowest type.
     constexpr int kVectorElements = max_of(
@@ -373,52 +485,62 @@ __device__ __forceinline__ void update_chunk_of_block(
     elementwise_begin = chunk_size / kVectorElements * kVectorElements;
     for (int first = threadIdx.x * kVectorElements; first < elementwise_begin;
          first += kThreadsPerBlock * kVectorElements) {
-      update_elements(chunk, ContiguousElements<kVectorElements>{first}, step);
+      update_elements<kRounding>(chunk, ContiguousElements<kVectorElements>{first}, step);
     }
   }
   for (int first = elementwise_begin + threadIdx.x; first < chunk_size;
        first += kThreadsPerBlock * kElementwiseIlp) {
-    update_elements(chunk, StridedElements<kElementwiseIlp>{first, chunk_size}, step);
+    update_elements<kRounding>(chunk, StridedElements<kElementwiseIlp>{first, chunk_size}, step);
   }
 
-  if (chunk_index == 0 && threadIdx.x == 0) {
-    // Atomic: should two params share one step tensor, each adds one, as on the CPU.
-    if (metadata.step_is_double[tensor]) {
-      atomicAdd(static_cast<double*>(metadata.steps[tensor]), 1.0);
-    } else {
-      atomicAdd(static_cast<float*>(metadata.steps[tensor]), 1.0f);
-    }
+  if (kRounding != ParamRounding::kStochastic && chunk_index == 0 && threadIdx.x == 0) {
+    increment_step(metadata.steps[tensor], metadata.step_is_double[tensor]);
   }
 }
 
 // Launched with kThreadsPerBlock threads and one block per chunk, in the
 // layout of kArgumentBytes (NOTE [Two argument layouts]): the 4 KB one
 // compiles for every architecture,
-template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes>
+template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes, ParamRounding kRounding>
 __launch_bounds__(kThreadsPerBlock) __global__
     std::enable_if_t<(kArgumentBytes <= kSmallArgumentBytes)> multi_tensor_adadelta_kernel(
-        const __grid_constant__ MultiTensorLaunchMetadata<kArgumentBytes> metadata,
+        const __grid_constant__ MultiTensorLaunchMetadata<kArgumentBytes, kRounding> metadata,
         const __grid_constant__ AdadeltaStepScalars<opmath_t<param_t>> scalars) {
-  update_chunk_of_block<param_t, grad_t, state_t>(metadata, scalars);
+  update_chunk_of_block<kRounding, param_t, grad_t, state_t>(metadata, scalars);
 }
 
 // the 32 KB one for Volta and newer, and is declared only for older ones.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= ADADELTA_EXT_LARGE_ARGUMENTS_MIN_ARCH
-template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes>
+template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes, ParamRounding kRounding>
 __launch_bounds__(kThreadsPerBlock) __global__
     std::enable_if_t<(kArgumentBytes > kSmallArgumentBytes)> multi_tensor_adadelta_kernel(
-        const __grid_constant__ MultiTensorLaunchMetadata<kArgumentBytes> metadata,
+        const __grid_constant__ MultiTensorLaunchMetadata<kArgumentBytes, kRounding> metadata,
         const __grid_constant__ AdadeltaStepScalars<opmath_t<param_t>> scalars) {
-  update_chunk_of_block<param_t, grad_t, state_t>(metadata, scalars);
+  update_chunk_of_block<kRounding, param_t, grad_t, state_t>(metadata, scalars);
 }
 #else
 #pragma nv_diag_suppress 114  // "function was referenced but not defined"
-template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes>
+template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes, ParamRounding kRounding>
 __launch_bounds__(kThreadsPerBlock) __global__
     std::enable_if_t<(kArgumentBytes > kSmallArgumentBytes)> multi_tensor_adadelta_kernel(
-        const __grid_constant__ MultiTensorLaunchMetadata<kArgumentBytes> metadata,
+        const __grid_constant__ MultiTensorLaunchMetadata<kArgumentBytes, kRounding> metadata,
         const __grid_constant__ AdadeltaStepScalars<opmath_t<param_t>> scalars);
 #pragma nv_diag_default 114
 #endif
+
+// Under stochastic rounding every block reads its tensor's step count (the
+// key takes the count after this step), so the counts are incremented after
+// the update, on the same stream: one block, a thread per counter. Skipped
+// with the step when GradScaler found an inf or NaN.
+__launch_bounds__(kThreadsPerBlock) __global__ void increment_steps_kernel(
+    const __grid_constant__ StepCounters counters,
+    const __grid_constant__ DeviceScalar found_inf) {
+  if (found_inf.address != nullptr && read_scalar<double>(found_inf) != 0) {
+    return;
+  }
+  for (int i = static_cast<int>(threadIdx.x); i < counters.count; i += kThreadsPerBlock) {
+    increment_step(counters.steps[i], counters.step_is_double[i]);
+  }
+}
 
 } // namespace adadelta_ext::cuda

@@ -34,18 +34,18 @@ namespace {
 
 // Fills metadata of the layout of kArgumentBytes from the tensors and
 // launches the kernel each time it is full.
-template <typename param_t, typename grad_t, typename state_t, int kArgumentBytes>
+template <typename param_t, typename grad_t, typename state_t, ParamRounding kRounding, int kArgumentBytes>
 cudaError_t launch_in_layout(
     const AdadeltaTensorPointers* tensors,
     size_t count,
     const AdadeltaStepScalars<opmath_t<param_t>>& scalars,
     cudaStream_t stream) {
-  using Metadata = MultiTensorLaunchMetadata<kArgumentBytes>;
+  using Metadata = MultiTensorLaunchMetadata<kArgumentBytes, kRounding>;
   Metadata metadata{};
   int64_t blocks = 0;
   // Launches the tensors metadata holds, then empties it.
   const auto launch = [&]() {
-    multi_tensor_adadelta_kernel<param_t, grad_t, state_t, kArgumentBytes>
+    multi_tensor_adadelta_kernel<param_t, grad_t, state_t, kArgumentBytes, kRounding>
         <<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
             metadata, scalars);
     metadata.tensor_count = 0;
@@ -76,6 +76,12 @@ cudaError_t launch_in_layout(
     metadata.steps[slot] = tensor.step;
     metadata.step_is_double[slot] = tensor.step_is_double;
     metadata.numels[slot] = tensor.numel;
+    if constexpr (kRounding == ParamRounding::kKahan) {
+      metadata.compensations[slot] = tensor.compensation;
+    }
+    if constexpr (kRounding == ParamRounding::kStochastic) {
+      metadata.stochastic_round_seeds[slot] = tensor.stochastic_round_seed;
+    }
     blocks += chunks;
     metadata.block_ends[slot] = static_cast<int32_t>(blocks);
   }
@@ -84,7 +90,7 @@ cudaError_t launch_in_layout(
 
 } // namespace
 
-template <typename param_t, typename grad_t, typename state_t>
+template <typename param_t, typename grad_t, typename state_t, ParamRounding kRounding>
 cudaError_t launch_multi_tensor_adadelta(
     const AdadeltaTensorPointers* tensors,
     size_t count,
@@ -103,33 +109,60 @@ cudaError_t launch_multi_tensor_adadelta(
     return error;
   }
   if (large) {
-    return launch_in_layout<param_t, grad_t, state_t, kLargeArgumentBytes>(
+    return launch_in_layout<param_t, grad_t, state_t, kRounding, kLargeArgumentBytes>(
         tensors, count, scalars, stream);
   }
 #endif
-  return launch_in_layout<param_t, grad_t, state_t, kSmallArgumentBytes>(
+  return launch_in_layout<param_t, grad_t, state_t, kRounding, kSmallArgumentBytes>(
       tensors, count, scalars, stream);
 }
 
-#define ADADELTA_INSTANTIATE_LAUNCH(param_t, grad_t, state_t)                   \
-  template cudaError_t launch_multi_tensor_adadelta<param_t, grad_t, state_t>( \
-      const AdadeltaTensorPointers*,                                            \
-      size_t,                                                                   \
-      const AdadeltaStepScalars<double>&,                                       \
+cudaError_t launch_increment_steps(
+    const AdadeltaTensorPointers* tensors,
+    size_t count,
+    DeviceScalar found_inf,
+    cudaStream_t stream) {
+  StepCounters counters{};
+  for (size_t first = 0; first < count; first += kMaxStepCounters) {
+    counters.count = static_cast<int>(std::min<size_t>(kMaxStepCounters, count - first));
+    for (int i = 0; i < counters.count; ++i) {
+      counters.steps[i] = tensors[first + i].step;
+      counters.step_is_double[i] = tensors[first + i].step_is_double;
+    }
+    increment_steps_kernel<<<1, kThreadsPerBlock, 0, stream>>>(counters, found_inf);
+    const cudaError_t error = cudaGetLastError();
+    if (error != cudaSuccess) {
+      return error;
+    }
+  }
+  return cudaSuccess;
+}
+
+#define ADADELTA_INSTANTIATE_LAUNCH(param_t, grad_t, state_t, rounding)                   \
+  template cudaError_t launch_multi_tensor_adadelta<param_t, grad_t, state_t, rounding>( \
+      const AdadeltaTensorPointers*,                                                      \
+      size_t,                                                                             \
+      const AdadeltaStepScalars<double>&,                                                 \
       cudaStream_t);
+// The 16-bit params' instances, for each way of rounding the param.
+#define ADADELTA_INSTANTIATE_16_BIT_LAUNCHES(rounding)                           \
+  ADADELTA_INSTANTIATE_LAUNCH(__half, __half, __half, rounding)                  \
+  ADADELTA_INSTANTIATE_LAUNCH(__half, __half, float, rounding)                   \
+  ADADELTA_INSTANTIATE_LAUNCH(__half, float, __half, rounding)                   \
+  ADADELTA_INSTANTIATE_LAUNCH(__half, float, float, rounding)                    \
+  ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, rounding) \
+  ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, __nv_bfloat16, float, rounding)     \
+  ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, float, __nv_bfloat16, rounding)     \
+  ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, float, float, rounding)
 
-ADADELTA_INSTANTIATE_LAUNCH(float, float, float)
-ADADELTA_INSTANTIATE_LAUNCH(double, double, double)
-ADADELTA_INSTANTIATE_LAUNCH(double, float, double)
-ADADELTA_INSTANTIATE_LAUNCH(__half, __half, __half)
-ADADELTA_INSTANTIATE_LAUNCH(__half, __half, float)
-ADADELTA_INSTANTIATE_LAUNCH(__half, float, __half)
-ADADELTA_INSTANTIATE_LAUNCH(__half, float, float)
-ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
-ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, __nv_bfloat16, float)
-ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, float, __nv_bfloat16)
-ADADELTA_INSTANTIATE_LAUNCH(__nv_bfloat16, float, float)
+ADADELTA_INSTANTIATE_LAUNCH(float, float, float, ParamRounding::kNearest)
+ADADELTA_INSTANTIATE_LAUNCH(double, double, double, ParamRounding::kNearest)
+ADADELTA_INSTANTIATE_LAUNCH(double, float, double, ParamRounding::kNearest)
+ADADELTA_INSTANTIATE_16_BIT_LAUNCHES(ParamRounding::kNearest)
+ADADELTA_INSTANTIATE_16_BIT_LAUNCHES(ParamRounding::kKahan)
+ADADELTA_INSTANTIATE_16_BIT_LAUNCHES(ParamRounding::kStochastic)
 
+#undef ADADELTA_INSTANTIATE_16_BIT_LAUNCHES
 #undef ADADELTA_INSTANTIATE_LAUNCH
 
 } // namespace adadelta_ext::cuda

@@ -29,6 +29,8 @@ struct AdadeltaTensorPointers {
   void* step;
   bool step_is_double;  // float64 step, else float32
   int64_t numel;
+  void* compensation;  // ParamRounding::kKahan: of the param's dtype
+  uint64_t stochastic_round_seed;  // ParamRounding::kStochastic
 };
 
 // A one-element float32 or float64 tensor on the device, read in the kernel
@@ -50,16 +52,28 @@ struct AdadeltaStepScalars {
 // Updates every tensor in place and adds one to each step counter, with as
 // few kernel launches on `stream` as the kernel's argument size allows: up to
 // 616 tensors a launch where the driver and the current device take 32 KB of
-// kernel arguments, 75 elsewhere (adadelta_cuda_kernel.cuh). Returns the
+// kernel arguments, 75 elsewhere; with Kahan summation or stochastic rounding
+// 535 and 65 (adadelta_cuda_kernel.cuh). Returns the
 // first error of the runtime's device queries or of a launch, cudaSuccess
 // otherwise.
 // Instantiated for the (param, grad, state) types the op accepts: grads of the
-// param's type or float; state of the param's type, or float for 16-bit params.
-template <typename param_t, typename grad_t, typename state_t>
+// param's type or float; state of the param's type, or float for 16-bit params;
+// 16-bit params with each ParamRounding, others with kNearest. With
+// kStochastic no step counter is incremented: see launch_increment_steps.
+template <typename param_t, typename grad_t, typename state_t, ParamRounding kRounding>
 cudaError_t launch_multi_tensor_adadelta(
     const AdadeltaTensorPointers* tensors,
     size_t count,
     const AdadeltaStepScalars<double>& scalars,
+    cudaStream_t stream);
+
+// Adds one to each tensor's step counter, unless found_inf is given and
+// nonzero: launched after every kStochastic launch of a step, whose kernels
+// read the counts. Returns the first launch error, cudaSuccess otherwise.
+cudaError_t launch_increment_steps(
+    const AdadeltaTensorPointers* tensors,
+    size_t count,
+    DeviceScalar found_inf,
     cudaStream_t stream);
 
 } // namespace adadelta_ext::cuda

@@ -4,7 +4,7 @@
 // current stream. Nothing here waits
 // for the device or copies to the host, so a CUDA graph can capture a step:
 // lr, grad_scale and found_inf are read by the kernel, which also increments
-// the steps.
+// the steps (under stochastic rounding, a launch of its own after the update).
 //
 // c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream
 // names. ATen/cuda/CUDAContext.h is not included: it pulls in cuBLAS and
@@ -66,6 +66,7 @@ struct KernelScalars {
 template <typename param_t, typename grad_t, typename state_t>
 void launch_group_as(
     const DtypeGroup& group,
+    ParamRounding rounding,
     const FusedAdadeltaOptions& options,
     const KernelScalars& scalars,
     cudaStream_t stream) {
@@ -75,14 +76,29 @@ void launch_group_as(
       device_scalar(scalars.lr),
       device_scalar(scalars.grad_scale),
       device_scalar(scalars.found_inf)};
-  C10_CUDA_CHECK((launch_multi_tensor_adadelta<param_t, grad_t, state_t>(
-      group.tensors.data(), group.tensors.size(), step_scalars, stream)));
+  const auto launch = [&](auto rounding_constant) {
+    C10_CUDA_CHECK((launch_multi_tensor_adadelta<param_t, grad_t, state_t, decltype(rounding_constant)::value>(
+        group.tensors.data(), group.tensors.size(), step_scalars, stream)));
+  };
+  using Rounding = ParamRounding;
+  if constexpr (std::is_same_v<param_t, __half> || std::is_same_v<param_t, __nv_bfloat16>) {
+    if (rounding == Rounding::kKahan) {
+      return launch(std::integral_constant<Rounding, Rounding::kKahan>{});
+    }
+    if (rounding == Rounding::kStochastic) {
+      return launch(std::integral_constant<Rounding, Rounding::kStochastic>{});
+    }
+  }
+  // The checks refuse either option for other params.
+  TORCH_INTERNAL_ASSERT(rounding == Rounding::kNearest);
+  launch(std::integral_constant<Rounding, Rounding::kNearest>{});
 }
 
 // The instance for the group's dtypes: the triples check_fused_adadelta_call
 // accepts, and no other.
 void launch_group(
     const DtypeGroup& group,
+    ParamRounding rounding,
     const FusedAdadeltaOptions& options,
     const KernelScalars& scalars,
     cudaStream_t stream) {
@@ -94,7 +110,7 @@ void launch_group(
     using param_t = decltype(param);
     using grad_t = decltype(grad);
     using state_t = decltype(state);
-    return launch_group_as<param_t, grad_t, state_t>(group, options, scalars, stream);
+    return launch_group_as<param_t, grad_t, state_t>(group, rounding, options, scalars, stream);
   };
   const auto sixteen_bit = [&](auto param) {
     using param_t = decltype(param);
@@ -128,14 +144,12 @@ void launch_group(
 }
 
 void fused_adadelta_cuda_impl(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
-  TORCH_CHECK(
-      !tensors.compensations.has_value() && !tensors.stochastic_round_seeds.has_value(),
-      "fused_adadelta_: Kahan summation (compensations) and stochastic rounding "
-      "(stochastic_round_seeds) are not implemented on CUDA yet; they are on the CPU");
   const c10::cuda::CUDAGuard device_guard(tensors.params[0].device());
 
   const bool unscale_grad = options.grad_scale.has_value();
   const FlatTensorLists flat(tensors, unscale_grad);
+  const auto& seeds = tensors.stochastic_round_seeds;
+  const ParamRounding rounding = tensors.rounding();
   std::vector<DtypeGroup> groups;
   for (size_t i = 0; i < flat.params.size(); ++i) {
     const at::ScalarType param_dtype = flat.params[i].scalar_type();
@@ -155,7 +169,9 @@ void fused_adadelta_cuda_impl(const FusedAdadeltaTensors& tensors, const FusedAd
         flat.acc_deltas[i].mutable_data_ptr(),
         tensors.state_steps[i].mutable_data_ptr(),
         tensors.state_steps[i].scalar_type() == at::kDouble,
-        flat.params[i].numel()});
+        flat.params[i].numel(),
+        flat.compensations.empty() ? nullptr : flat.compensations[i].mutable_data_ptr(),
+        seeds.has_value() ? static_cast<uint64_t>((*seeds)[i]) : 0});
   }
 
   // Held until every launch is queued; a converted copy is freed after, in
@@ -166,7 +182,14 @@ void fused_adadelta_cuda_impl(const FusedAdadeltaTensors& tensors, const FusedAd
       kernel_readable(options.found_inf)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (const DtypeGroup& group : groups) {
-    launch_group(group, options, scalars, stream);
+    launch_group(group, rounding, options, scalars, stream);
+  }
+  if (rounding == ParamRounding::kStochastic) {
+    // After every group's update, as the CPU op reads every count before it increments any.
+    for (const DtypeGroup& group : groups) {
+      C10_CUDA_CHECK(launch_increment_steps(
+          group.tensors.data(), group.tensors.size(), device_scalar(scalars.found_inf), stream));
+    }
   }
   flat.write_back();
 }

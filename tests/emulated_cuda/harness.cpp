@@ -8,6 +8,7 @@
 #include <cstring>
 
 using adadelta_ext::AdadeltaHyperparams;
+using adadelta_ext::ParamRounding;
 using namespace adadelta_ext::cuda;
 
 namespace {
@@ -15,20 +16,26 @@ namespace {
 using Launch = cudaError_t (*)(
     const AdadeltaTensorPointers*, size_t, const AdadeltaStepScalars<double>&, cudaStream_t);
 
+// The 16-bit params' instances with one way of rounding the param.
+#define EMULATED_16_BIT_INSTANCES(rounding)                                           \
+  &launch_multi_tensor_adadelta<__half, __half, __half, rounding>,                    \
+      &launch_multi_tensor_adadelta<__half, __half, float, rounding>,                 \
+      &launch_multi_tensor_adadelta<__half, float, __half, rounding>,                 \
+      &launch_multi_tensor_adadelta<__half, float, float, rounding>,                  \
+      &launch_multi_tensor_adadelta<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, rounding>, \
+      &launch_multi_tensor_adadelta<__nv_bfloat16, __nv_bfloat16, float, rounding>,   \
+      &launch_multi_tensor_adadelta<__nv_bfloat16, float, __nv_bfloat16, rounding>,   \
+      &launch_multi_tensor_adadelta<__nv_bfloat16, float, float, rounding>
+
 // The instances fused_adadelta_cuda.cpp launches, numbered as
-// tests/cuda_emulation.py numbers (param, grad, state) dtypes.
+// tests/cuda_emulation.py numbers (param, grad, state) dtypes and roundings.
 constexpr Launch kInstances[] = {
-    &launch_multi_tensor_adadelta<float, float, float>,
-    &launch_multi_tensor_adadelta<double, double, double>,
-    &launch_multi_tensor_adadelta<double, float, double>,
-    &launch_multi_tensor_adadelta<__half, __half, __half>,
-    &launch_multi_tensor_adadelta<__half, __half, float>,
-    &launch_multi_tensor_adadelta<__half, float, __half>,
-    &launch_multi_tensor_adadelta<__half, float, float>,
-    &launch_multi_tensor_adadelta<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>,
-    &launch_multi_tensor_adadelta<__nv_bfloat16, __nv_bfloat16, float>,
-    &launch_multi_tensor_adadelta<__nv_bfloat16, float, __nv_bfloat16>,
-    &launch_multi_tensor_adadelta<__nv_bfloat16, float, float>,
+    &launch_multi_tensor_adadelta<float, float, float, ParamRounding::kNearest>,
+    &launch_multi_tensor_adadelta<double, double, double, ParamRounding::kNearest>,
+    &launch_multi_tensor_adadelta<double, float, double, ParamRounding::kNearest>,
+    EMULATED_16_BIT_INSTANCES(ParamRounding::kNearest),
+    EMULATED_16_BIT_INSTANCES(ParamRounding::kKahan),
+    EMULATED_16_BIT_INSTANCES(ParamRounding::kStochastic),
 };
 
 DeviceScalar device_scalar(const void* address, int is_double) {
@@ -42,13 +49,16 @@ extern "C" {
 // One call of the launch for `count` params of instance `instance`: pointers
 // holds param, grad, square_avg, acc_delta and step of each param in turn;
 // options holds lr, rho, eps and weight_decay. Scalar tensors are null when
-// not given. Returns the launch's cudaError_t.
+// not given, and so are compensations and seeds where the instance does not
+// read them. Returns the launch's cudaError_t.
 int emulated_fused_adadelta(
     int instance,
     size_t count,
     void* const* pointers,
     const unsigned char* step_is_double,
     const int64_t* numels,
+    void* const* compensations,
+    const uint64_t* stochastic_round_seeds,
     const double* options,
     int maximize,
     int round_lr_product,
@@ -61,7 +71,10 @@ int emulated_fused_adadelta(
   std::vector<AdadeltaTensorPointers> tensors(count);
   for (size_t i = 0; i < count; ++i) {
     void* const* p = pointers + 5 * i;
-    tensors[i] = AdadeltaTensorPointers{p[0], p[1], p[2], p[3], p[4], step_is_double[i] != 0, numels[i]};
+    tensors[i] = AdadeltaTensorPointers{
+        p[0], p[1], p[2], p[3], p[4], step_is_double[i] != 0, numels[i],
+        compensations != nullptr ? compensations[i] : nullptr,
+        stochastic_round_seeds != nullptr ? stochastic_round_seeds[i] : 0};
   }
   const double rho = options[1];
   const AdadeltaStepScalars<double> scalars{
@@ -72,6 +85,21 @@ int emulated_fused_adadelta(
       device_scalar(grad_scale, grad_scale_is_double),
       device_scalar(found_inf, found_inf_is_double)};
   return kInstances[instance](tensors.data(), count, scalars, nullptr);
+}
+
+// launch_increment_steps for `count` step counters. Returns its cudaError_t.
+int emulated_increment_steps(
+    size_t count,
+    void* const* steps,
+    const unsigned char* step_is_double,
+    const void* found_inf,
+    int found_inf_is_double) {
+  std::vector<AdadeltaTensorPointers> tensors(count);
+  for (size_t i = 0; i < count; ++i) {
+    tensors[i].step = steps[i];
+    tensors[i].step_is_double = step_is_double[i] != 0;
+  }
+  return launch_increment_steps(tensors.data(), count, device_scalar(found_inf, found_inf_is_double), nullptr);
 }
 
 // How the next launches run: order 0 ascending (block, thread), 1 descending,

@@ -2,7 +2,8 @@
 wrong (16-byte vectors, ragged tails, 4096-element chunks, misaligned data,
 launches split at 616 tensors (75 where only 4 KB of kernel arguments are allowed), zero-element
 tensors), and its scalars read on
-the device (tensor lr, grad_scale, found_inf), also inside a CUDA graph.
+the device (tensor lr, grad_scale, found_inf), also inside a CUDA graph; kahan_sum and
+stochastic_round on 16-bit params.
 
 Bit for bit (rtol=0, atol=0), for every dtype pair, float16 and bfloat16 too:
 both kernels compute in the same opmath type with the same correctly rounded
@@ -104,6 +105,35 @@ def test_cuda_kernel_unscales_grads_with_tensor_lr(pair, scalar_dtype, round_lr_
         round_lr_product=round_lr_product,
     )
     assert_lists_match(cuda_lists, cpu_lists)
+
+
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("rounding", ["kahan_sum", "stochastic_round"])
+@pytest.mark.parametrize("pair", DTYPE_PAIRS[2:], ids=PAIR_IDS[2:])
+def test_cuda_kernel_rounds_16_bit_params_as_the_cpu_op(pair, rounding, misaligned):
+    """kahan_sum's compensations and stochastic_round's bits (from seed, step and index alone) are
+    the CPU op's, over two steps, and so are the step counts."""
+    cuda_lists, cpu_lists = cuda_and_cpu_lists([pair] * len(SIZES), SIZES, misaligned=misaligned, seed=5)
+    generator = torch.Generator().manual_seed(5)
+    if rounding == "kahan_sum":
+        compensations = [
+            (torch.rand(p.shape, generator=generator) * 1e-3).to(p.dtype) for p in cpu_lists["params"]
+        ]
+        per_device = {
+            "cuda": {"compensations": [c.cuda() for c in compensations]},
+            "cpu": {"compensations": compensations},
+        }
+    else:
+        seeds = torch.randint(-(2**63), 2**63 - 1, (len(SIZES),), generator=generator).tolist()
+        per_device = {device: {"stochastic_round_seeds": seeds} for device in ("cuda", "cpu")}
+    for _ in range(2):
+        for device, lists in (("cuda", cuda_lists), ("cpu", cpu_lists)):
+            fused_adadelta_(*lists.values(), **OP_OPTIONS, **per_device[device])
+    torch.cuda.synchronize()
+    assert_lists_match(cuda_lists, cpu_lists)
+    if rounding == "kahan_sum":
+        assert_lists_match(per_device["cuda"], per_device["cpu"])
+    assert all(step.item() == 5.0 for step in cuda_lists["state_steps"])
 
 
 def test_cuda_kernel_splits_launches_over_mixed_dtypes():

@@ -22,6 +22,7 @@ from cuda_emulation import (
     INSTANCES,
     OLD_DRIVER,
     PASCAL,
+    SIXTEEN_BIT_INSTANCES,
     EmulatedDevice,
     EmulatedKernel,
     EmulatedLaunchError,
@@ -33,6 +34,8 @@ from adadelta_ext import fused_adadelta_
 CHUNK = 4096  # kChunkElements: one block's elements
 SMALL_ARGUMENTS, LARGE_ARGUMENTS = 4096, 32764  # bytes, the two layouts' limits
 TENSORS_PER_LAUNCH = {SMALL_ARGUMENTS: 75, LARGE_ARGUMENTS: 616}
+# With kahan_sum or stochastic_round, each tensor's metadata takes 8 bytes more.
+ROUNDED_TENSORS_PER_LAUNCH = {SMALL_ARGUMENTS: 65, LARGE_ARGUMENTS: 535}
 # Around the 2 to 8 element vectors and the chunks; the last, 24 chunks and a ragged one. In one
 # launch, so consecutive blocks cross from tensor to tensor at each of these sizes.
 SIZES = [0, 1, 7, 8, 9, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 1, 100_000]
@@ -86,20 +89,33 @@ def special_values(dtype: torch.dtype) -> torch.Tensor:
 
 
 def guarded_lists(
-    sizes, instances, *, misaligned=(), misaligned_every=1, special=False, shared_step=False, seed=0
+    sizes,
+    instances,
+    *,
+    misaligned=(),
+    misaligned_every=1,
+    special=False,
+    shared_step=False,
+    compensations=False,
+    seed=0,
 ) -> tuple[dict[str, list[torch.Tensor]], list[tuple[torch.Tensor, int, int]]]:
     """op lists (one entry per size, instances[i % len] giving its dtypes), each tensor a view into a
     buffer of SENTINEL guards; the lists named in `misaligned` start one element later, in every
     `misaligned_every`-th param from the first. `special` scatters special_values into every tensor;
-    `shared_step`: params 0 and 1 share a step tensor. Returns the lists and (buffer, start, end) of
-    every view, to check the guards with."""
+    `shared_step`: params 0 and 1 share a step tensor; `compensations` adds a list of them (kahan_sum).
+    Returns the lists and (buffer, start, end) of every view, to check the guards with."""
     generator = torch.Generator().manual_seed(seed)
-    lists = {role: [] for role in (*ROLES, "state_steps")}
+    roles = (*ROLES, "compensations") if compensations else ROLES
+    lists = {role: [] for role in (*roles, "state_steps")}
     views = []
     for index, size in enumerate(sizes):
         param_dtype, grad_dtype, state_dtype = instances[index % len(instances)]
-        for role, dtype in zip(ROLES, (param_dtype, grad_dtype, state_dtype, state_dtype), strict=True):
-            low, high = (-1.0, 1.0) if role in ("params", "grads") else (0.1, 1.0)
+        dtypes = (param_dtype, grad_dtype, state_dtype, state_dtype, param_dtype)
+        for role, dtype in zip(roles, dtypes[: len(roles)], strict=True):
+            # A compensation holds what the param's rounding lost: under its spacing.
+            low, high = {"params": (-1.0, 1.0), "grads": (-1.0, 1.0), "compensations": (-1e-3, 1e-3)}.get(
+                role, (0.1, 1.0)
+            )
             values = torch.empty(size, dtype=torch.float64).uniform_(low, high, generator=generator).to(dtype)
             if special and size > 0:
                 spots = torch.randint(0, size, (len(special_values(dtype)),), generator=generator)
@@ -125,8 +141,9 @@ def copy_lists(lists, views):
         copied_views.append((copy, start, end))
     copied = {role: [] for role in lists}
     # guarded_lists made the views param by param, role by role.
+    roles = [role for role in lists if role != "state_steps"]
     for view_index, (copy, start, end) in enumerate(copied_views):
-        copied[ROLES[view_index % len(ROLES)]].append(copy[start:end])
+        copied[roles[view_index % len(roles)]].append(copy[start:end])
     steps = {}
     copied["state_steps"] = [steps.setdefault(id(step), step.clone()) for step in lists["state_steps"]]
     return copied, copied_views
@@ -150,6 +167,11 @@ def bit_differences(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
     return None
 
 
+def op_arguments(lists) -> list[list[torch.Tensor]]:
+    """The op's positional lists among `lists`."""
+    return [lists[role] for role in (*ROLES, "state_steps")]
+
+
 def mismatches(
     kernel,
     lists,
@@ -163,10 +185,16 @@ def mismatches(
     """Runs the emulated kernel on `lists` and the CPU op on a copy; every difference, named. The
     kernel's launches are appended to `launches`."""
     cpu_lists, cpu_views = copy_lists(lists, views)
-    fused_adadelta_(*cpu_lists.values(), **options)
+    fused_adadelta_(*op_arguments(cpu_lists), compensations=cpu_lists.get("compensations"), **options)
     found = []
     try:
-        made = kernel.fused_adadelta_(*lists.values(), **options, order=order, device=device)
+        made = kernel.fused_adadelta_(
+            *op_arguments(lists),
+            compensations=lists.get("compensations"),
+            **options,
+            order=order,
+            device=device,
+        )
     except EmulatedLaunchError as error:
         found.append(str(error))
         made = []
@@ -305,6 +333,76 @@ def test_params_sharing_a_step_tensor_each_add_one(kernel):
     assert lists["state_steps"][0].item() == 5.0
 
 
+SIXTEEN_BIT_IDS = [INSTANCE_IDS[INSTANCES.index(instance)] for instance in SIXTEEN_BIT_INSTANCES]
+ROUNDINGS = ("kahan_sum", "stochastic_round")
+ROUNDING_OPTION_CASES = (
+    "defaults",
+    "float32_tensor_lr_capturable",
+    "float32_grad_scale",
+    "found_inf_skips_the_step",
+)
+
+
+def rounded(rounding: str, sizes, instances, *, seed: int, **layout):
+    """guarded_lists for `rounding` (compensations for kahan_sum) and the op's keyword for it (seeds of
+    every sign and magnitude for stochastic_round)."""
+    lists, views = guarded_lists(sizes, instances, compensations=rounding == "kahan_sum", seed=seed, **layout)
+    if rounding == "kahan_sum":
+        return lists, views, {}
+    generator = torch.Generator().manual_seed(seed)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (len(sizes),), generator=generator).tolist()
+    return lists, views, {"stochastic_round_seeds": seeds}
+
+
+@pytest.mark.parametrize("order", ["forward", "shuffled"])
+@pytest.mark.parametrize("option_case", ROUNDING_OPTION_CASES)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("instance", SIXTEEN_BIT_INSTANCES, ids=SIXTEEN_BIT_IDS)
+def test_kahan_sum_and_stochastic_round_match_the_cpu_op(kernel, instance, rounding, option_case, order):
+    """Every size, 16-bit dtype instance and rounding, with the compensations of every other param
+    misaligned (the element-wise path), each way of taking a step, in any block order: bit for bit,
+    steps included (under stochastic rounding a launch of their own increments them)."""
+    lists, views, extra = rounded(
+        rounding, SIZES, [instance], seed=8, misaligned=("compensations",), misaligned_every=2
+    )
+    options = {**OPTIONS, **OPTION_CASES[option_case], **extra}
+    assert mismatches(kernel, lists, views, options, order=order) == []
+
+
+def test_stochastic_round_keys_take_the_step_count_before_any_is_incremented(kernel):
+    """Two params of many blocks share a step tensor, and counts no integer holds, in shuffled block
+    order: every block's key takes its count as the step began (the CPU op's), then each adds one."""
+    lists, views, extra = rounded(
+        "stochastic_round", [70_000, 70_000, 9, 9, 9], [INSTANCES[8]], seed=9, shared_step=True
+    )
+    for index, count in zip((2, 3, 4), (-1.0, float("nan"), 2.5), strict=True):
+        lists["state_steps"][index].fill_(count)
+    assert mismatches(kernel, lists, views, {**OPTIONS, **extra}, order="shuffled") == []
+    assert lists["state_steps"][0].item() == 5.0
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("layout", LAYOUT_CASES.keys())
+def test_a_thousand_small_rounded_tensors(request, layout, rounding):
+    """1,000 bfloat16 tensors with either option: their metadata is 8 bytes a tensor larger, so a
+    launch holds 535 tensors with 32 KB of arguments, 65 with 4 KB; stochastic rounding adds one
+    launch of a block per 448 step counters."""
+    build, device, argument_limit = LAYOUT_CASES[layout]
+    count = 1000
+    lists, views, extra = rounded(rounding, [64] * count, [INSTANCES[7]], seed=10)
+    launches = []
+    found = mismatches(
+        request.getfixturevalue(build), lists, views, {**OPTIONS, **extra}, device=device, launches=launches
+    )
+    assert found == []
+    # The step counters' launches come last, of one block each.
+    increments = 0 if rounding == "kahan_sum" else math.ceil(count / 448)
+    updates = launches[: len(launches) - increments]
+    assert len(updates) == math.ceil(count / ROUNDED_TENSORS_PER_LAUNCH[argument_limit])
+    assert layout_problems(updates, argument_limit) == []
+    assert [launch.blocks for launch in launches[len(updates) :]] == [1] * increments
+
+
 # Bugs a kernel change could bring, each planted in a copy of the sources: (file, text, replacement).
 PLANTED_BUGS = {
     "chunk_count_one_short": (
@@ -347,6 +445,21 @@ PLANTED_BUGS = {
         "  if (large) {",
         "  if (false) {",
     ),
+    "kahan_compensation_not_stored": (
+        "csrc/cuda/adadelta_cuda_kernel.cuh",
+        "    elements.store(chunk.compensation, compensation);",
+        "",
+    ),
+    "stochastic_round_key_of_the_step_before": (
+        "csrc/cuda/adadelta_cuda_kernel.cuh",
+        "stochastic_round_step(count)",
+        "stochastic_round_step(count - 1)",
+    ),
+    "steps_incremented_by_the_update_under_stochastic_rounding": (
+        "csrc/cuda/adadelta_cuda_kernel.cuh",
+        "kRounding != ParamRounding::kStochastic && chunk_index == 0",
+        "chunk_index == 0",
+    ),
 }
 
 
@@ -355,8 +468,8 @@ MUTANT_CUDART_VERSIONS = {"32KB_layout_in_a_cuda_12_0_build": 12000}
 
 
 def planted_bug_findings(bug: str) -> list[str]:
-    """What the comparisons above (sizes, a misaligned case, 200 tensors on each device) and the
-    layout checks find in the kernel with the planted bug `bug`."""
+    """What the comparisons above (sizes, a misaligned case, 200 tensors on each device, each pure
+    16-bit option) and the layout checks find in the kernel with the planted bug `bug`."""
     path, text, replacement = PLANTED_BUGS[bug]
     cudart_version = MUTANT_CUDART_VERSIONS.get(bug)
     mutant = EmulatedKernel({path: [(text, replacement)]}, cudart_version=cudart_version)
@@ -375,6 +488,9 @@ def planted_bug_findings(bug: str) -> list[str]:
         lists, views = guarded_lists(sizes, instances, misaligned=misaligned)
         found += mismatches(mutant, lists, views, OPTIONS, device=device, launches=launches)
         found += layout_problems(launches, LARGE_ARGUMENTS if large else SMALL_ARGUMENTS)
+    for rounding in ROUNDINGS:
+        lists, views, extra = rounded(rounding, SIZES, [INSTANCES[7]], seed=11)
+        found += mismatches(mutant, lists, views, {**OPTIONS, **extra}, order="shuffled")
     return found
 
 
