@@ -195,7 +195,7 @@ CUDA_GRAPH_IMPLEMENTATIONS = ("torch foreach (CUDA graph)", "FusedAdadelta (CUDA
 CUDA_GRAPH_WORKLOADS = LAUNCH_BOUND
 
 
-# For 16-bit params only (no effect on others), and on the CPU only until the CUDA kernel has them.
+# For 16-bit params only (no effect on others).
 ROUNDING_IMPLEMENTATIONS = ("FusedAdadelta kahan_sum", "FusedAdadelta stochastic_round")
 
 
@@ -208,7 +208,7 @@ def implementations(device: torch.device, workload: str, dtype_name: str) -> lis
             name not in CUDA_GRAPH_IMPLEMENTATIONS
             or (device.type == "cuda" and workload in CUDA_GRAPH_WORKLOADS)
         )
-        and (name not in ROUNDING_IMPLEMENTATIONS or (device.type == "cpu" and dtype_name != "float32"))
+        and (name not in ROUNDING_IMPLEMENTATIONS or dtype_name != "float32")
     ]
 
 
