@@ -254,27 +254,29 @@ ADADELTA_HOST_DEVICE float stochastic_round_to_bfloat16(float value, uint32_t ra
   return float_of((bits & kSignBit) | ((magnitude + (random & 0xffffu)) & 0xffff0000u));
 }
 
-// The same for float16, whose spacing is not bfloat16's.
+// The same for float16, whose spacing is not bfloat16's. Written without
+// branches (each case computed, one selected), so that the CPU kernel's loop
+// over a vector's lanes vectorizes and a CUDA warp does not diverge.
 ADADELTA_HOST_DEVICE float stochastic_round_to_float16(float value, uint32_t random) {
   const uint32_t bits = bits_of(value);
   const uint32_t magnitude = bits & ~kSignBit;
+  const uint32_t sign = bits & kSignBit;
   constexpr uint32_t kLargest = 0x477fe000u;  // 65504, the largest finite float16
   constexpr uint32_t kSmallest = 0x33800000u;  // 2^-24, its smallest subnormal
-  if (magnitude > kLargest) {
-    return value;  // inf, NaN, or past the largest finite float16
-  }
-  const uint32_t sign = bits & kSignBit;
-  if (magnitude < kSmallest) {
-    // Up with probability |value| / 2^-24, from 24 random bits; both sides exact.
-    const bool up = static_cast<float>(random >> 8) < float_of(magnitude) * 281474976710656.0f;
-    return float_of(sign | (up ? kSmallest : 0u));
-  }
-  // 13 bits below float16's 10-bit significand from 2^-14 up, one more per binade below.
+  // From 2^-24 up: 13 bits below float16's 10-bit significand from 2^-14 up,
+  // one more per binade below (at most 23; the bound matters only to lanes
+  // whose result is not taken).
   const int exponent = static_cast<int>(magnitude >> 23) - 127;
-  const int cut = exponent >= -14 ? 13 : -1 - exponent;
+  const int cut = exponent >= -14 ? 13 : (exponent >= -24 ? -1 - exponent : 23);
   const uint32_t below = (1u << cut) - 1u;
   // No carry passes kLargest, whose 13 low bits are zero.
-  return float_of(sign | ((magnitude + (random & below)) & ~below));
+  const uint32_t carried = sign | ((magnitude + (random & below)) & ~below);
+  // Under 2^-24: up with probability |value| / 2^-24, from 24 random bits; both sides exact.
+  const bool up = static_cast<float>(static_cast<int32_t>(random >> 8)) <
+      float_of(magnitude) * 281474976710656.0f;
+  const uint32_t tiny = sign | (up ? kSmallest : 0u);
+  // Inf, NaN, or past the largest finite float16: left to the store.
+  return magnitude > kLargest ? value : float_of(magnitude < kSmallest ? tiny : carried);
 }
 
 } // namespace
