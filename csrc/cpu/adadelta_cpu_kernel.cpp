@@ -139,14 +139,8 @@ void stochastic_round(Vectorized<float> (&values)[kParts], int64_t offset, uint6
   for (int part = 0; part < kParts; ++part) {
     values[part].store(lanes + part * kLanes);
   }
-  // The index in two 32-bit halves, so that the loop vectorizes over 32-bit
-  // lanes: the high half changes within a block only where the low one wraps.
-  const uint32_t low_first = static_cast<uint32_t>(offset);
-  const uint32_t high_first = static_cast<uint32_t>(static_cast<uint64_t>(offset) >> 32);
   for (int64_t j = 0; j < kParts * kLanes; ++j) {
-    const uint32_t low = low_first + static_cast<uint32_t>(j);
-    const uint32_t high = high_first + (low < low_first ? 1u : 0u);
-    const uint32_t random = stochastic_round_bits(key, (static_cast<uint64_t>(high) << 32) | low);
+    const uint32_t random = stochastic_round_bits(key, static_cast<uint64_t>(offset + j));
     lanes[j] = std::is_same_v<param_t, c10::BFloat16> ? stochastic_round_to_bfloat16(lanes[j], random)
                                                       : stochastic_round_to_float16(lanes[j], random);
   }
