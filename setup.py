@@ -72,7 +72,8 @@ def build_cuda() -> bool:
 # that links it statically by default (the GPU image's Python was built with one, /opt/gcc) puts a
 # private copy in the extension, whose locale state disagrees with the shared copy's: every number
 # formatted into an error message then comes out empty or crashes the process. Naming the library
-# links the shared one wherever the toolchain finds it; the build fails where it does not.
+# links the shared one where the copy comes from -static-libstdc++; /opt/gcc still linked its own
+# (tests/gpu-results/2026-11-26-h200.md), and the check after linking refuses such a build.
 SHARED_LIBSTDCXX_FLAGS = ["-lstdc++"] if platform.system() == "Linux" else []
 
 

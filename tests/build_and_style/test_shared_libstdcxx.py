@@ -3,9 +3,9 @@
 A private copy linked in statically disagrees with the shared one on locale state: every number
 formatted into an error message comes out empty (here, on Debian) or crashes the process (the GPU
 image, whose Python was built with a toolchain that links libstdc++ statically by default; see
-tests/gpu-results/). setup.py names the library so that such a toolchain links the shared one, and
-refuses a build that still holds a copy; the refusal tests' messages, numbers and all, are the
-behaviour this protects.
+tests/gpu-results/). setup.py names the library, which undoes -static-libstdc++, and refuses a
+build that still holds a copy (the GPU image's toolchain links one in regardless); the refusal
+tests' messages, numbers and all, are the behaviour this protects.
 """
 
 from __future__ import annotations
