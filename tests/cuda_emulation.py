@@ -3,12 +3,12 @@ against tests/emulated_cuda/'s CUDA headers (thread and block indices as loop va
 intrinsics as the host's IEEE operations, the launch a loop over blocks and threads in a chosen
 order), so that CI, which has no GPU, executes the kernel's indexing and arithmetic.
 
-`EmulatedKernel()` builds the library once per source and flags (under build/emulated_cuda/) and
-loads it; `mutations` plants a bug in a copy of the sources, to show the tests catch it, and
-`cudart_version` builds it as a toolkit of that version would (CUDA 13.0 by default). Each call runs
-on an `EmulatedDevice`, whose driver version and compute capability decide, as on a GPU, whether a
-launch may take 32 KB of arguments or 4 KB. With
-ADADELTA_EXT_SANITIZE=1 (tools/sanitize.sh sets it, and preloads the runtimes) it is built with
+`EmulatedKernel()` builds the library once per source and flags (under build/emulated_cuda/, or
+`build_root`), safely from several processes at once, and loads it; `mutations` plants a bug in a
+copy of the sources, to show the tests catch it, and `cudart_version` builds it as a toolkit of that
+version would (CUDA 13.0 by default). Each call runs on an `EmulatedDevice`, whose driver version
+and compute capability decide, as on a GPU, whether a launch may take 32 KB of arguments or 4 KB.
+With ADADELTA_EXT_SANITIZE=1 (tools/sanitize.sh sets it, and preloads the runtimes) it is built with
 AddressSanitizer and UBSan.
 """
 
@@ -18,8 +18,8 @@ import ctypes
 import hashlib
 import os
 import re
-import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -108,7 +108,11 @@ class EmulatedKernel:
     """The emulated CUDA launch, with `mutations`: {path: [(old, new), ...]} applied to the sources."""
 
     def __init__(
-        self, mutations: dict[str, list[tuple[str, str]]] | None = None, *, cudart_version: int | None = None
+        self,
+        mutations: dict[str, list[tuple[str, str]]] | None = None,
+        *,
+        cudart_version: int | None = None,
+        build_root: Path = ROOT / "build" / "emulated_cuda",
     ):
         sources = {path: (ROOT / path).read_text() for path in [*KERNEL_SOURCES, LAUNCH_SOURCE]}
         for path, changes in (mutations or {}).items():
@@ -122,35 +126,38 @@ class EmulatedKernel:
             flags.append(f"-DCUDART_VERSION={cudart_version}")
         emulation = {path.name: path.read_text() for path in sorted(EMULATION.iterdir())}
         digest = hashlib.sha256(repr((sources, emulation, flags)).encode()).hexdigest()[:16]
-        directory = ROOT / "build" / "emulated_cuda" / digest
-        library = directory / "libemulated_cuda.so"
+        library = build_root / digest / "libemulated_cuda.so"
         if not library.exists():
-            self._build(directory, library, sources, flags)
+            self._build(library, sources, flags)
         self.lib = ctypes.CDLL(str(library))
         self.lib.emulated_fused_adadelta.restype = ctypes.c_int
         self.lib.emulated_launches_made.restype = ctypes.c_size_t
 
     @staticmethod
-    def _build(directory: Path, library: Path, sources: dict[str, str], flags: list[str]) -> None:
-        shutil.rmtree(directory, ignore_errors=True)
-        for path, text in sources.items():
-            (directory / path).parent.mkdir(parents=True, exist_ok=True)
-            (directory / path).write_text(text)
-        partial = library.with_suffix(".partial")
-        command = [
-            os.environ.get("CXX", "c++"),
-            *flags,
-            f"-I{EMULATION}",
-            f'-DADADELTA_LAUNCH_SOURCE="{directory / LAUNCH_SOURCE}"',
-            str(EMULATION / "harness.cpp"),
-            "-o",
-            str(partial),
-        ]
-        # Not the compiler under the sanitizer runtimes tools/sanitize.sh preloads into the tests.
-        environment = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
-        result = subprocess.run(command, capture_output=True, text=True, env=environment)
-        assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
-        partial.rename(library)
+    def _build(library: Path, sources: dict[str, str], flags: list[str]) -> None:
+        # pytest-xdist's workers may build one library at once (on a fresh machine, they do): each
+        # builds in a directory of its own, and the finished library replaces any other atomically.
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+            directory = Path(scratch)
+            for path, text in sources.items():
+                (directory / path).parent.mkdir(parents=True, exist_ok=True)
+                (directory / path).write_text(text)
+            built = directory / library.name
+            command = [
+                os.environ.get("CXX", "c++"),
+                *flags,
+                f"-I{EMULATION}",
+                f'-DADADELTA_LAUNCH_SOURCE="{directory / LAUNCH_SOURCE}"',
+                str(EMULATION / "harness.cpp"),
+                "-o",
+                str(built),
+            ]
+            # Not the compiler under the sanitizer runtimes tools/sanitize.sh preloads into the tests.
+            environment = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
+            result = subprocess.run(command, capture_output=True, text=True, env=environment)
+            assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
+            os.replace(built, library)
 
     def fused_adadelta_(
         self,

@@ -103,7 +103,7 @@ note "torch: $(python -c 'import torch; print(torch.__version__, "CUDA", torch.v
 # ADADELTA_EXT_CUDA=1 makes a build without the CUDA kernel an error. The system's compilers, for
 # the build alone: the image exports CC=/opt/gcc/bin/gcc, which links libstdc++ statically, and
 # setup.py refuses the result (tests/gpu-results/2026-11-26-h200.md). The tests keep the
-# image's environment: with these exported, the 2026-11-26 H200 pass saw errors it could not name.
+# image's environment.
 BUILD_CC="${GPU_PASS_CC:-/usr/bin/gcc}" BUILD_CXX="${GPU_PASS_CXX:-/usr/bin/g++}"
 note "build compilers: CC=$BUILD_CC CXX=$BUILD_CXX (the environment's: CC=${CC:-unset} CXX=${CXX:-unset})"
 if wanted build && ! CC="$BUILD_CC" CXX="$BUILD_CXX" LDSHARED="$BUILD_CC -shared" LDCXXSHARED="$BUILD_CXX -shared" \

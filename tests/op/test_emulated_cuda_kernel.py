@@ -14,6 +14,9 @@ comparisons catch each.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -497,3 +500,18 @@ def planted_bug_findings(bug: str) -> list[str]:
 @pytest.mark.parametrize("bug", PLANTED_BUGS.keys())
 def test_a_planted_bug_is_caught(bug):
     assert planted_bug_findings(bug), f"the planted bug {bug!r} went unnoticed"
+
+
+def test_processes_building_one_kernel_at_once_all_load_it(tmp_path):
+    # pytest-xdist's workers on a fresh checkout build the same library at once. Built in one
+    # directory, one process's library was renamed away or loaded half-written under another: the
+    # errors of the 2026-11-26 H200 pass (tests/gpu-results/), three of four processes here.
+    build = (
+        "import pathlib, sys; sys.path.insert(0, sys.argv[1]); "
+        "from cuda_emulation import EmulatedKernel; EmulatedKernel(build_root=pathlib.Path(sys.argv[2]))"
+    )
+    command = [sys.executable, "-c", build, str(Path(__file__).parents[1]), str(tmp_path)]
+    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [process.communicate()[1] for process in processes]
+    failed = [error for process, error in zip(processes, errors, strict=True) if process.returncode != 0]
+    assert not failed, f"{len(failed)} of 4 builds failed; the first:\n{failed[0][-3000:]}"
