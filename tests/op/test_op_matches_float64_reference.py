@@ -17,9 +17,9 @@ The tolerance, derived rather than tuned (`error_bound`): per step and per eleme
 - below its smallest normal number a type's roundings are off by up to a subnormal
   spacing in absolute terms, not relatively: 2^-24 for float16 (below 2^-14), 2^-133
   for bfloat16, 2^-149 for float32, 2^-1074 for float64. A stored value, or one
-  computed on the way, may be off by the larger spacing of its storage and compute
-  types (the floor); a state's floor shifts sqrt(state + eps) by up to floor / eps
-  relatively. (float32 compute met it when rho=4.9e-185 made a square_avg of
+  computed on the way, may be off by its storage type's spacing, never finer than its
+  compute type's (the floor); a state's floor shifts sqrt(state + eps) by up to
+  floor / eps relatively. (float32 compute met it when rho=4.9e-185 made a square_avg of
   2e-193, which float32 holds as 0.)
 
 Errors add up over the steps, so after k steps the bound is
@@ -178,9 +178,9 @@ def reference_adadelta(
 def error_bound(case: dict, key: str, magnitude: torch.Tensor) -> torch.Tensor:
     dtype = case["dtype"]
     compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    state_dtype = torch.float32 if case["fp32_state"] else dtype
-    state_floor = max(SUBNORMAL_SPACING[state_dtype], SUBNORMAL_SPACING[compute_dtype])
-    floor = state_floor if key != "param" else max(SUBNORMAL_SPACING[dtype], SUBNORMAL_SPACING[compute_dtype])
+    # A storage type's spacing is never finer than its compute type's: it is the floor.
+    state_floor = SUBNORMAL_SPACING[torch.float32 if case["fp32_state"] else dtype]
+    floor = state_floor if key != "param" else SUBNORMAL_SPACING[dtype]
     relative = (
         ROUNDED_OPERATIONS_PER_STEP * UNIT_ROUNDOFF[compute_dtype]
         + 2 * UNIT_ROUNDOFF[dtype]
