@@ -382,13 +382,13 @@ class FusedAdadelta(Optimizer):
             if any(p.grad is not None for p in without_grad):
                 return False
             calls += [(lists, self._call_options(group, device)) for lists, device in kept_lists]
-        if not all(lists.ready() for lists, _ in calls):
-            return False
         # As the full path: with several calls, every one is checked before any changes a tensor.
+        # A call returns False, having done nothing, if its lists no longer hold; no user code runs
+        # between the checks and the steps, so only the first pass can find that.
         for check_only in (True, False) if len(calls) > 1 else (False,):
             for lists, options in calls:
                 lr = options["lr"]
-                lists.call(
+                if not lists.call(
                     check_only,
                     0.0 if isinstance(lr, Tensor) else lr,
                     lr if isinstance(lr, Tensor) else None,
@@ -399,7 +399,8 @@ class FusedAdadelta(Optimizer):
                     options["grad_scale"],
                     options["found_inf"],
                     options.get("round_lr_product", False),
-                )
+                ):
+                    return False
         return True
 
     def _init_group(

@@ -35,11 +35,49 @@ void refuse_grad_mode(at::TensorList tensors, const char* list_name) {
   }
 }
 
+// The version counters of the tensors a call writes, bumped before it runs.
+// NOTE [Versions bumped first]
+// ATen's generated kernels bump the counters after the op. Here that would
+// touch every tensor once more after the kernel has streamed all of them
+// through the caches: for a thousand small params, a measurable part of the
+// step. So they are bumped before, and a call that raises (a refused step,
+// which must change nothing) puts them back. No other code runs in between.
+class BumpedVersions {
+ public:
+  void bump(at::TensorList tensors) {
+    lists_.push_back(tensors);
+    for (const at::Tensor& tensor : tensors) {
+      const c10::VariableVersion& counter = tensor.unsafeGetTensorImpl()->version_counter();
+      // Inference tensors (in InferenceMode) have no counter: nothing to bump or put back.
+      if (counter.enabled()) {
+        versions_.push_back(counter.current_version());
+        torch::autograd::impl::bump_version(tensor);
+      }
+    }
+  }
+
+  void restore() const {
+    size_t next = 0;
+    for (const at::TensorList tensors : lists_) {
+      for (const at::Tensor& tensor : tensors) {
+        c10::VariableVersion counter = tensor.unsafeGetTensorImpl()->version_counter();
+        if (counter.enabled()) {
+          counter.set_version(versions_[next++]);
+        }
+      }
+    }
+  }
+
+ private:
+  std::vector<at::TensorList> lists_;
+  std::vector<uint32_t> versions_;  // before the bump, in the order of lists_
+};
+
 // What ATen's generated Autograd and ADInplaceOrView kernels do for an in-place
 // op without a derivative: refuse tensors autograd would have to follow (at
-// the Autograd key, in grad mode), run the op, then bump the version counter
-// of every tensor it wrote, so that autograd refuses a backward through a
-// tensor the step changed. Grads count as written only when grad_scale
+// the Autograd key, in grad mode), bump the version counter of every tensor
+// the op writes, so that autograd refuses a backward through a tensor the step
+// changed, and run the op. Grads count as written only when grad_scale
 // unscales them. Unboxed, as a step with thousands of tensors would otherwise
 // pay for boxing them.
 template <bool kAutograd, typename Lr, typename... Tail>
@@ -80,17 +118,19 @@ void bump_versions_of_written_tensors(
       refuse_grad_mode(list.tensors, list.name);
     }
   }
+  BumpedVersions versions;  // see NOTE [Versions bumped first]
+  for (const WrittenList& list : written) {
+    versions.bump(list.tensors);
+  }
   static const auto op = typed_overload<Lr, Tail...>("adadelta_ext::fused_adadelta_");
-  {
+  try {
     const at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(
         keys & c10::after_ADInplaceOrView_keyset, params, grads, square_avgs, acc_deltas,
         state_steps, lr, rho, eps, weight_decay, maximize, grad_scale, found_inf, tail...);
-  }
-  for (const WrittenList& list : written) {
-    for (const at::Tensor& tensor : list.tensors) {
-      torch::autograd::impl::bump_version(tensor);
-    }
+  } catch (...) {
+    versions.restore();
+    throw;
   }
 }
 

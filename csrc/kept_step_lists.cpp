@@ -2,7 +2,7 @@
 // fused_adadelta_ call, kept between steps so that FusedAdadelta's step does
 // not rebuild them (and convert them from Python, tensor by tensor) each time.
 // Only the grads change from step to step: they are read here, from each
-// param. See FusedAdadelta._step_kept_lists for when the lists are kept.
+// param, in the same pass that checks that the lists still hold. See FusedAdadelta._step_kept_lists for when the lists are kept.
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -32,30 +32,18 @@ class KeptStepLists : public torch::CustomClassHolder {
         stochastic_round_seeds_(std::move(stochastic_round_seeds)) {
     layouts_.reserve(params_.size());
     for (const at::Tensor& param : params_) {
-      layouts_.push_back(
-          {param.scalar_type(), param.device(), param.sizes().vec(), param.strides().vec()});
+      layouts_.push_back({param.scalar_type(), param.device(), param.dim(), dims_.size()});
+      dims_.insert(dims_.end(), param.sizes().begin(), param.sizes().end());
+      dims_.insert(dims_.end(), param.strides().begin(), param.strides().end());
     }
     grads_.reserve(params_.size());
   }
 
-  // Whether the lists still hold: every param has a grad and the dtype,
-  // device, shape and strides it had when its state was made or converted.
-  bool ready() const {
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& param = params_[i];
-      const Layout& layout = layouts_[i];
-      if (!param.grad().defined() || param.scalar_type() != layout.dtype ||
-          param.device() != layout.device || param.sizes() != at::IntArrayRef(layout.sizes) ||
-          param.strides() != at::IntArrayRef(layout.strides)) {
-        return false;
-      }
-    }
-    return true;
-  }
-
   // fused_adadelta_ (or, with check_only, check_fused_adadelta) on the kept
-  // lists and each param's grad now. The caller has seen ready().
-  void call(
+  // lists and each param's grad now, if the lists still hold: every param has
+  // a grad and the dtype, device, shape and strides it had when its state was
+  // made or converted. Returns false, having called nothing, if they do not.
+  bool call(
       bool check_only,
       double lr,
       std::optional<at::Tensor> lr_tensor,
@@ -66,9 +54,9 @@ class KeptStepLists : public torch::CustomClassHolder {
       std::optional<at::Tensor> grad_scale,
       std::optional<at::Tensor> found_inf,
       bool round_lr_product) {
-    grads_.clear();
-    for (const at::Tensor& param : params_) {
-      grads_.push_back(param.grad());
+    const BorrowedGrads grads(*this);
+    if (grads_.size() != params_.size()) {
+      return false;
     }
     // Empty for none: the lists are kept for one or more params.
     const CompensationsArgument compensations = compensations_.empty()
@@ -88,15 +76,63 @@ class KeptStepLists : public torch::CustomClassHolder {
           params_, grads_, square_avgs_, acc_deltas_, state_steps_, lr, rho, eps, weight_decay,
           maximize, grad_scale, found_inf, compensations, seeds);
     }
-    grads_.clear();  // no reference to a grad outlives the step
+    return true;
   }
 
  private:
   struct Layout {
     at::ScalarType dtype;
     at::Device device;
-    std::vector<int64_t> sizes;
-    std::vector<int64_t> strides;
+    int64_t dim;
+    size_t dims_begin;  // where its sizes, then its strides, start in dims_
+  };
+
+  // Whether param i still has the layout it was kept with.
+  bool has_kept_layout(size_t i) const {
+    const at::Tensor& param = params_[i];
+    const Layout& layout = layouts_[i];
+    if (param.scalar_type() != layout.dtype || param.device() != layout.device ||
+        param.dim() != layout.dim) {
+      return false;
+    }
+    const at::IntArrayRef sizes(dims_.data() + layout.dims_begin, layout.dim);
+    const at::IntArrayRef strides(dims_.data() + layout.dims_begin + layout.dim, layout.dim);
+    return param.sizes() == sizes && param.strides() == strides;
+  }
+
+  // NOTE [Borrowed grads]
+  // The params' grads in grads_, for the length of one call, without taking a
+  // reference: giving one back after the kernel would touch each grad once more,
+  // after the kernel's streaming has evicted it from the caches (for a thousand
+  // small params, a measurable part of the step). The params hold the grads
+  // throughout the call: no Python code runs in it. Fills grads_ only if every
+  // param is ready (see call()); empties it on destruction, however the call ends.
+  class BorrowedGrads {
+   public:
+    explicit BorrowedGrads(KeptStepLists& lists) : grads_(lists.grads_) {
+      for (size_t i = 0; i < lists.params_.size(); ++i) {
+        const at::Tensor& grad = lists.params_[i].grad();
+        if (!grad.defined() || !lists.has_kept_layout(i)) {
+          release();
+          return;
+        }
+        grads_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(grad));
+      }
+    }
+    ~BorrowedGrads() {
+      release();
+    }
+    BorrowedGrads(const BorrowedGrads&) = delete;
+    BorrowedGrads& operator=(const BorrowedGrads&) = delete;
+
+   private:
+    void release() {
+      for (at::Tensor& grad : grads_) {
+        c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(grad);
+      }
+      grads_.clear();
+    }
+    std::vector<at::Tensor>& grads_;
   };
 
   // The op's overload for Lr as {fused_adadelta_, check_fused_adadelta}.
@@ -114,7 +150,8 @@ class KeptStepLists : public torch::CustomClassHolder {
   std::vector<at::Tensor> compensations_;
   std::vector<int64_t> stochastic_round_seeds_;
   std::vector<Layout> layouts_;
-  std::vector<at::Tensor> grads_;
+  std::vector<int64_t> dims_;  // every param's sizes and strides, one after another
+  std::vector<at::Tensor> grads_;  // borrowed, during a call only
 };
 
 } // namespace
@@ -124,7 +161,6 @@ TORCH_LIBRARY_FRAGMENT(adadelta_ext, m) {
       .def(torch::init<
            std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
            std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>>())
-      .def("ready", &KeptStepLists::ready)
       .def("call", &KeptStepLists::call);
 }
 

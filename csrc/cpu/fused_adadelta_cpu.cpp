@@ -137,6 +137,9 @@ void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAda
     ends[i] = total;
   }
 
+  // Before the kernel, which would evict the counters' metadata from the caches (NOTE [Versions
+  // bumped first]), and after every rounding key read its counter (two params may share one).
+  increment_steps(tensors.state_steps);
   at::parallel_for(0, total, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     // A range may span several params, and a param several ranges.
     size_t i = std::upper_bound(ends.begin(), ends.end(), begin) - ends.begin();
@@ -150,7 +153,6 @@ void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAda
     }
   });
   flat.write_back();
-  increment_steps(tensors.state_steps);
 }
 
 } // namespace

@@ -50,3 +50,19 @@ def test_the_op_bumps_the_version_of_the_compensations_it_writes():
     versions = [c._version for c in compensations]
     adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS, compensations=compensations)
     assert [c._version - v for c, v in zip(compensations, versions, strict=True)] == [1]
+
+
+def test_a_refused_call_leaves_every_version_where_it_was():
+    """The versions are bumped before the op runs (NOTE [Versions bumped first] in
+    csrc/fused_adadelta.cpp); a call the checks refuse puts them back, as it changes nothing else."""
+    lists = op_lists(shapes=[(3,), (3,)], dtype=torch.bfloat16, state_dtype=torch.float32)
+    lists["acc_deltas"][1] = lists["acc_deltas"][1].double()  # refused: not square_avgs[1]'s dtype
+    compensations = [torch.zeros_like(p) for p in lists["params"]]
+    tensors = [*(t for ts in lists.values() for t in ts), *compensations]
+    for tensor in tensors:
+        tensor.add_(0)  # versions other than 0, which a reset to 0 would not show
+    versions = [t._version for t in tensors]
+    options = dict(OP_OPTIONS, grad_scale=torch.tensor(2.0))  # grads are written too
+    with pytest.raises(RuntimeError, match=r"acc_deltas\[1\]"):
+        adadelta_ext.fused_adadelta_(*lists.values(), **options, compensations=compensations)
+    assert [t._version for t in tensors] == versions
