@@ -13,6 +13,10 @@
 
 #if defined(__CUDACC__)
 #define ADADELTA_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced, as for CUDA: GCC kept adadelta_update out of line, one call per
+// vector, with the vectors passed through memory (benchmarks/NOTES.md, entry 11).
+#define ADADELTA_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define ADADELTA_HOST_DEVICE inline
 #endif
