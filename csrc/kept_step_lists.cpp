@@ -2,7 +2,9 @@
 // fused_adadelta_ call, kept between steps so that FusedAdadelta's step does
 // not rebuild them (and convert them from Python, tensor by tensor) each time.
 // Only the grads change from step to step: they are read here, from each
-// param, in the same pass that checks that the lists still hold. See FusedAdadelta._step_kept_lists for when the lists are kept.
+// param, in the same pass that checks that the lists still hold. See
+// FusedAdadelta._step_kept_calls for when the lists are kept.
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -105,18 +107,30 @@ class KeptStepLists : public torch::CustomClassHolder {
   // reference: giving one back after the kernel would touch each grad once more,
   // after the kernel's streaming has evicted it from the caches (for a thousand
   // small params, a measurable part of the step). The params hold the grads
-  // throughout the call: no Python code runs in it. Fills grads_ only if every
-  // param is ready (see call()); empties it on destruction, however the call ends.
+  // throughout the call, as no code that could drop one runs in it; where
+  // Python code could (a dispatch mode, or a grad of a Python subclass), the
+  // grads are referenced as usual. Fills grads_ only if every param is ready
+  // (see call()); empties it on destruction, however the call ends.
   class BorrowedGrads {
    public:
     explicit BorrowedGrads(KeptStepLists& lists) : grads_(lists.grads_) {
+      bool python_may_run = c10::impl::TorchDispatchModeTLS::stack_len() > 0;
       for (size_t i = 0; i < lists.params_.size(); ++i) {
         const at::Tensor& grad = lists.params_[i].grad();
         if (!grad.defined() || !lists.has_kept_layout(i)) {
           release();
           return;
         }
+        python_may_run = python_may_run || grad.key_set().has(c10::DispatchKey::Python);
         grads_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(grad));
+      }
+      if (python_may_run) {
+        for (at::Tensor& grad : grads_) {
+          at::Tensor reference = grad;
+          c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(grad);
+          grad = std::move(reference);
+        }
+        referenced_ = true;
       }
     }
     ~BorrowedGrads() {
@@ -127,12 +141,15 @@ class KeptStepLists : public torch::CustomClassHolder {
 
    private:
     void release() {
-      for (at::Tensor& grad : grads_) {
-        c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(grad);
+      if (!referenced_) {
+        for (at::Tensor& grad : grads_) {
+          c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(grad);
+        }
       }
       grads_.clear();
     }
     std::vector<at::Tensor>& grads_;
+    bool referenced_ = false;  // grads_ holds references of its own
   };
 
   // The op's overload for Lr as {fused_adadelta_, check_fused_adadelta}.

@@ -10,9 +10,13 @@ cannot be bit-identical with torch: torch's float32 sqrt is not correctly rounde
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+
 import pytest
 import torch
 from optim_testing import DEVICES, small_model, twin_models
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adadelta_ext import FusedAdadelta
 
@@ -148,3 +152,27 @@ def test_a_param_that_gets_a_grad_joins_the_next_step(device, full_path_count):
     step_both(fused_model, fused, torch_model, reference, 2)
     assert full_path_count() == 2
     assert fused_model[0].bias in fused.state
+
+
+class PassThroughMode(TorchDispatchMode):
+    """Python code inside every op call: the mode runs each op as it is."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("under_a_mode", [False, True], ids=["borrowed", "referenced"])
+def test_a_kept_step_holds_no_grad_after_it(under_a_mode, full_path_count):
+    """Kept steps borrow the grads, or, where Python code runs inside the op call (a dispatch mode),
+    reference them (NOTE [Borrowed grads] in csrc/kept_step_lists.cpp): either way, a grad set to
+    None after the step is freed."""
+    fused_model, torch_model = twin_models(small_model("cpu"))
+    fused = FusedAdadelta(fused_model.parameters(), lr=0.5)
+    reference = torch.optim.Adadelta(torch_model.parameters(), lr=0.5)
+    step_both(fused_model, fused, torch_model, reference, seed=0)
+    with PassThroughMode() if under_a_mode else contextlib.nullcontext():
+        step_both(fused_model, fused, torch_model, reference, seed=1)
+    assert full_path_count() == 1
+    grads = [weakref.ref(p.grad) for p in fused_model.parameters()]
+    fused.zero_grad(set_to_none=True)
+    assert [grad() for grad in grads] == [None] * len(grads)
