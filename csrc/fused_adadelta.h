@@ -28,8 +28,9 @@ void checked_call(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOption
   if (tensors.params.empty()) {
     return;
   }
-  const RealTensors real(tensors, call.any_complex);
+  RealTensors real(tensors, call.any_complex);
   if (!call.params_overlap) {
+    real.tensors.flat_params = call.flat_params.empty() ? nullptr : &call.flat_params;
     Impl(real.tensors, options);
     return;
   }

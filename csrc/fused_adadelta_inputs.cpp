@@ -46,24 +46,13 @@ void check_companion(
       param.sizes());
 }
 
-void check_dtypes(
+// square_avgs[i] and acc_deltas[i]: both of the param's dtype, or both float32 for float16/bfloat16.
+void check_state_dtypes(
     const at::Tensor& param,
-    const at::Tensor& grad,
     const at::Tensor& square_avg,
     const at::Tensor& acc_delta,
     size_t i) {
   const at::ScalarType dtype = param.scalar_type();
-  TORCH_CHECK(
-      is_supported_param_dtype(dtype), "fused_adadelta_: params[", i, "] has dtype ",
-      dtype, "; supported are float32, float64, float16, bfloat16, complex64 and complex128");
-  // A float32 grad is read as float32 in the kernel (torch's grad_dtype, e.g.
-  // bfloat16 weights with float32 grads).
-  const bool grad_ok = grad.scalar_type() == dtype ||
-      (grad.scalar_type() == at::kFloat && !at::isComplexType(dtype));
-  TORCH_CHECK(
-      grad_ok, "fused_adadelta_: grads[", i, "] has dtype ", grad.scalar_type(),
-      " but params[", i, "] has dtype ", dtype, "; a grad must have its param's dtype",
-      at::isComplexType(dtype) ? "" : " or float32");
   const at::ScalarType state_dtype = square_avg.scalar_type();
   TORCH_CHECK(
       acc_delta.scalar_type() == state_dtype &&
@@ -182,7 +171,12 @@ struct MemoryRange {
   }
 };
 
-void add_range(std::vector<MemoryRange>& ranges, const at::Tensor& tensor, Role role, size_t index) {
+void add_range(
+    std::vector<MemoryRange>& ranges,
+    const at::Tensor& tensor,
+    const void* data,
+    Role role,
+    size_t index) {
   const int64_t numel = tensor.numel();
   if (numel == 0) {
     return;
@@ -196,7 +190,7 @@ void add_range(std::vector<MemoryRange>& ranges, const at::Tensor& tensor, Role 
       last += (sizes[dim] - 1) * strides[dim];
     }
   }
-  const auto begin = reinterpret_cast<uintptr_t>(tensor.const_data_ptr());
+  const auto begin = reinterpret_cast<uintptr_t>(data);
   ranges.push_back(
       {begin, begin + static_cast<uintptr_t>((last + 1) * tensor.element_size()),
        static_cast<uint32_t>(index), role});
@@ -330,10 +324,19 @@ AdadeltaHyperparams<double> adadelta_hyperparams(const FusedAdadeltaOptions& opt
       options.lr_tensor.has_value() && options.round_lr_product};
 }
 
+// NOTE [Checks list by list]
+// The checks read every tensor's metadata, and, for thousands of small params,
+// a step's kernel has evicted it from the caches (and the TLB) since the last
+// step. They go through the lists one at a time (params, then grads, ...):
+// reading the five tensors of each param in turn, each from a region of memory
+// of its own, took twice as long cold (1,000 params of 4,096 elements: 1.0 ms
+// against 0.56, benchmarks/NOTES.md entry 12). The same pass records what the
+// kernels need (CheckedCall::flat_params), so that no later pass reads the
+// tensors again. A call with several problems reports the first in list order.
 CheckedCall check_fused_adadelta_call(
     const FusedAdadeltaTensors& tensors,
     const FusedAdadeltaOptions& options) {
-  const auto& [params, grads, square_avgs, acc_deltas, state_steps, compensations, seeds] = tensors;
+  const auto& [params, grads, square_avgs, acc_deltas, state_steps, compensations, seeds, _] = tensors;
   TORCH_CHECK(
       grads.size() == params.size() && square_avgs.size() == params.size() &&
           acc_deltas.size() == params.size() && state_steps.size() == params.size(),
@@ -353,20 +356,33 @@ CheckedCall check_fused_adadelta_call(
       !compensations.has_value() || !seeds.has_value(),
       "fused_adadelta_: compensations (Kahan summation) and stochastic_round_seeds "
       "(stochastic rounding) exclude each other");
+  CheckedCall call{false, false, {}};
   if (params.empty()) {
-    return {false, false};
+    return call;
   }
+  const size_t count = params.size();
   const at::Device device = params[0].device();
   const bool grads_are_written = options.grad_scale.has_value();
   const bool has_addresses = !device.is_meta();
-  // One pass over the tensors, which for thousands of small params outgrow
-  // the caches: each further pass would fetch them again.
   thread_local RangesByRole ranges;
   for (std::vector<MemoryRange>& role_ranges : ranges) {
     role_ranges.clear();
   }
-  bool any_complex = false;
-  for (size_t i = 0; i < params.size(); ++i) {
+  std::vector<FlatParam>& flat = call.flat_params;
+  flat.resize(count);
+  bool all_flat = true;
+  // A written tensor's data is read as the kernel will write it (a copy-on-write
+  // tensor gets its own copy, with the same values; a tensor that must not be
+  // written raises), so that its range is the memory the kernel writes.
+  const auto data_of = [&](const at::Tensor& tensor, bool written, Role role, size_t i) -> void* {
+    if (!has_addresses) {
+      return nullptr;
+    }
+    void* data = written ? tensor.mutable_data_ptr() : const_cast<void*>(tensor.const_data_ptr());
+    add_range(ranges[static_cast<size_t>(role)], tensor, data, role, i);
+    return data;
+  };
+  for (size_t i = 0; i < count; ++i) {
     const at::Tensor& param = params[i];
     TORCH_CHECK(
         param.defined() && param.layout() == at::kStrided, "fused_adadelta_: params[", i,
@@ -374,10 +390,63 @@ CheckedCall check_fused_adadelta_call(
     TORCH_CHECK(
         param.device() == device, "fused_adadelta_: params[", i, "] is on ", param.device(),
         " but params[0] is on ", device, "; one call updates tensors of one device");
-    check_companion(grads[i], param, "grads", i);
-    check_companion(square_avgs[i], param, "square_avgs", i);
-    check_companion(acc_deltas[i], param, "acc_deltas", i);
-    check_dtypes(param, grads[i], square_avgs[i], acc_deltas[i], i);
+    const at::ScalarType dtype = param.scalar_type();
+    TORCH_CHECK(
+        is_supported_param_dtype(dtype), "fused_adadelta_: params[", i, "] has dtype ",
+        dtype, "; supported are float32, float64, float16, bfloat16, complex64 and complex128");
+    TORCH_CHECK(
+        !seeds.has_value() || is_reduced_float(dtype), "fused_adadelta_: params[", i,
+        "] has dtype ", dtype, "; stochastic rounding is for float16 and bfloat16 params");
+    check_writable(param, "params", i);
+    // From strides alone, so on meta too.
+    check_no_internal_overlap(param, Role::kParam, i);
+    call.any_complex = call.any_complex || param.is_complex();
+    all_flat = all_flat && param.is_non_overlapping_and_dense();
+    flat[i].param = data_of(param, true, Role::kParam, i);
+    flat[i].compensation = nullptr;
+    flat[i].numel = has_addresses ? param.numel() : 0;  // sizes may be symbolic on meta
+    flat[i].param_dtype = dtype;
+  }
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& grad = grads[i];
+    check_companion(grad, params[i], "grads", i);
+    // A float32 grad is read as float32 in the kernel (torch's grad_dtype, e.g.
+    // bfloat16 weights with float32 grads).
+    const at::ScalarType dtype = params[i].scalar_type();
+    TORCH_CHECK(
+        grad.scalar_type() == dtype || (grad.scalar_type() == at::kFloat && !at::isComplexType(dtype)),
+        "fused_adadelta_: grads[", i, "] has dtype ", grad.scalar_type(), " but params[", i,
+        "] has dtype ", dtype, "; a grad must have its param's dtype",
+        at::isComplexType(dtype) ? "" : " or float32");
+    if (grads_are_written) {
+      check_writable(grad, "grads", i);
+      check_no_internal_overlap(grad, Role::kGrad, i);
+    }
+    all_flat = all_flat && shares_dense_layout(params[i], grad);
+    flat[i].grad = data_of(grad, grads_are_written, Role::kGrad, i);
+    flat[i].grad_dtype = grad.scalar_type();
+  }
+  for (const auto& [list, role] :
+       {std::pair{square_avgs, Role::kSquareAvg}, std::pair{acc_deltas, Role::kAccDelta}}) {
+    for (size_t i = 0; i < count; ++i) {
+      const at::Tensor& state = list[i];
+      check_companion(state, params[i], role_name(role), i);
+      if (role == Role::kAccDelta) {
+        check_state_dtypes(params[i], square_avgs[i], state, i);
+      }
+      check_writable(state, role_name(role), i);
+      check_no_internal_overlap(state, role, i);
+      all_flat = all_flat && shares_dense_layout(params[i], state);
+      void* data = data_of(state, true, role, i);
+      if (role == Role::kSquareAvg) {
+        flat[i].square_avg = data;
+        flat[i].state_dtype = state.scalar_type();
+      } else {
+        flat[i].acc_delta = data;
+      }
+    }
+  }
+  for (size_t i = 0; i < count; ++i) {
     const at::Tensor& step = state_steps[i];
     TORCH_CHECK(
         step.defined() && step.numel() == 1 &&
@@ -385,40 +454,22 @@ CheckedCall check_fused_adadelta_call(
             step.device() == device,
         "fused_adadelta_: state_steps[", i,
         "] must be a one-element float32 or float64 tensor on ", device);
-    check_writable(param, "params", i);
-    check_writable(square_avgs[i], "square_avgs", i);
-    check_writable(acc_deltas[i], "acc_deltas", i);
     check_writable(step, "state_steps", i);
-    // From strides alone, so on meta too.
-    check_no_internal_overlap(param, Role::kParam, i);
-    check_no_internal_overlap(square_avgs[i], Role::kSquareAvg, i);
-    check_no_internal_overlap(acc_deltas[i], Role::kAccDelta, i);
-    if (grads_are_written) {
-      check_writable(grads[i], "grads", i);
-      check_no_internal_overlap(grads[i], Role::kGrad, i);
-    }
-    if (compensations.has_value()) {
-      check_compensation((*compensations)[i], param, i);
-    }
-    if (seeds.has_value()) {
-      TORCH_CHECK(
-          is_reduced_float(param.scalar_type()), "fused_adadelta_: params[", i, "] has dtype ",
-          param.scalar_type(), "; stochastic rounding is for float16 and bfloat16 params");
-    }
-    if (has_addresses) {
-      if (compensations.has_value()) {
-        add_range(ranges[5], (*compensations)[i], Role::kCompensation, i);
-      }
-      add_range(ranges[0], param, Role::kParam, i);
-      add_range(ranges[1], grads[i], Role::kGrad, i);
-      add_range(ranges[2], square_avgs[i], Role::kSquareAvg, i);
-      add_range(ranges[3], acc_deltas[i], Role::kAccDelta, i);
-      add_range(ranges[4], step, Role::kStep, i);
-    }
-    any_complex = any_complex || param.is_complex();
+    flat[i].step = data_of(step, true, Role::kStep, i);
+    flat[i].step_dtype = step.scalar_type();
+  }
+  for (size_t i = 0; compensations.has_value() && i < count; ++i) {
+    const at::Tensor& compensation = (*compensations)[i];
+    check_compensation(compensation, params[i], i);
+    all_flat = all_flat && shares_dense_layout(params[i], compensation);
+    flat[i].compensation = data_of(compensation, true, Role::kCompensation, i);
   }
   check_options(params, device, options);
-  return {has_addresses && check_shared_memory(ranges, grads_are_written), any_complex};
+  call.params_overlap = has_addresses && check_shared_memory(ranges, grads_are_written);
+  if (!has_addresses || !all_flat || call.any_complex) {
+    flat.clear();
+  }
+  return call;
 }
 
 RealTensors::RealTensors(const FusedAdadeltaTensors& tensors_in, bool any_complex)
@@ -483,6 +534,25 @@ FlatTensorLists::FlatTensorLists(const FusedAdadeltaTensors& tensors, bool grads
     }
     *lists[list] = lists_with_copies_[list];
   }
+}
+
+std::vector<FlatParam> FlatTensorLists::flat_params(at::TensorList state_steps) const {
+  std::vector<FlatParam> flat(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    flat[i] = FlatParam{
+        params[i].mutable_data_ptr(),
+        grads[i].mutable_data_ptr(),
+        square_avgs[i].mutable_data_ptr(),
+        acc_deltas[i].mutable_data_ptr(),
+        compensations.empty() ? nullptr : compensations[i].mutable_data_ptr(),
+        state_steps[i].mutable_data_ptr(),
+        params[i].numel(),
+        params[i].scalar_type(),
+        grads[i].scalar_type(),
+        square_avgs[i].scalar_type(),
+        state_steps[i].scalar_type()};
+  }
+  return flat;
 }
 
 void FlatTensorLists::write_back() const {

@@ -31,6 +31,22 @@ struct FusedAdadeltaOptions {
 // double, as torch.optim computes it in Python.
 AdadeltaHyperparams<double> adadelta_hyperparams(const FusedAdadeltaOptions& options, double lr);
 
+// One param's tensors as a kernel walks them: flat arrays of numel elements,
+// laid out alike, and its step counter.
+struct FlatParam {
+  void* param;
+  void* grad;  // written only when grad_scale unscales it
+  void* square_avg;
+  void* acc_delta;
+  void* compensation;  // nullptr without compensations
+  void* step;
+  int64_t numel;
+  at::ScalarType param_dtype;
+  at::ScalarType grad_dtype;
+  at::ScalarType state_dtype;
+  at::ScalarType step_dtype;
+};
+
 // The op's per-param arguments: one entry per param in each list.
 struct FusedAdadeltaTensors {
   at::TensorList params;
@@ -44,8 +60,12 @@ struct FusedAdadeltaTensors {
   // FusedAdadelta(stochastic_round=True): each float16/bfloat16 param's seed
   // (NOTE [Stochastic rounding] in adadelta_math.h).
   std::optional<at::IntArrayRef> stochastic_round_seeds;
+  // Each param's flat arrays as check_fused_adadelta_call recorded them, where
+  // it could (see CheckedCall::flat_params); else nullptr, and a backend reads
+  // them from the tensors (FlatTensorLists).
+  const std::vector<FlatParam>* flat_params = nullptr;
 
-  // The entries of param i alone.
+  // The entries of param i alone (without flat_params).
   FusedAdadeltaTensors entry(size_t i) const;
 
   // How the 16-bit params take their results: the checks allow at most one of
@@ -63,6 +83,10 @@ struct CheckedCall {
   bool params_overlap;
   // Some params are complex (see RealTensors).
   bool any_complex;
+  // Each param's flat arrays, recorded as the checks read its tensors (NOTE
+  // [Checks list by list]), when every param is real and flat (its tensors
+  // dense and laid out alike, see FlatTensorLists): the common case. Else empty.
+  std::vector<FlatParam> flat_params;
 };
 
 // Raises (RuntimeError, naming the list and index and the problem) unless one
@@ -113,6 +137,9 @@ class FlatTensorLists {
   FlatTensorLists& operator=(const FlatTensorLists&) = delete;
 
   void write_back() const;
+
+  // Each param's flat arrays, with its step counter from state_steps.
+  std::vector<FlatParam> flat_params(at::TensorList state_steps) const;
 
   // The caller's lists (nothing copied, the common case), or lists holding
   // contiguous copies where a param needs them. compensations is empty

@@ -77,69 +77,57 @@ UpdateRangeFn find_update_range(const KernelDtypes& dtypes) {
 
 namespace {
 
-void increment_steps(at::TensorList state_steps) {
-  // Direct writes: an ATen add_ per step costs microseconds, per tensor.
-  for (const at::Tensor& step : state_steps) {
-    if (step.scalar_type() == at::kFloat) {
-      *step.data_ptr<float>() += 1;
+// Each param's step counter, read and incremented directly: item() and add_
+// dispatch an op, microseconds per tensor.
+double step_value(const FlatParam& param) {
+  return param.step_dtype == at::kFloat ? *static_cast<const float*>(param.step)
+                                        : *static_cast<const double*>(param.step);
+}
+
+void increment_steps(const std::vector<FlatParam>& flat) {
+  for (const FlatParam& param : flat) {
+    if (param.step_dtype == at::kFloat) {
+      *static_cast<float*>(param.step) += 1;
     } else {
-      *step.data_ptr<double>() += 1;
+      *static_cast<double*>(param.step) += 1;
     }
   }
 }
 
-// A step counter's value, read directly (item() dispatches an op).
-double step_value(const at::Tensor& step) {
-  return step.scalar_type() == at::kFloat ? *step.const_data_ptr<float>() : *step.const_data_ptr<double>();
-}
-
-void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
-  if (options.found_inf.has_value() && options.found_inf->item<double>() != 0) {
-    return;  // GradScaler found an inf or NaN: the step is skipped whole.
-  }
-  const bool unscale_grad = options.grad_scale.has_value();
-  const CpuStepArguments arguments{
-      adadelta_hyperparams(
-          options, options.lr_tensor.has_value() ? options.lr_tensor->item<double>() : options.lr),
-      unscale_grad,
-      unscale_grad ? static_cast<float>(1.0 / options.grad_scale->item<double>()) : 1.0f};
-
-  const FlatTensorLists flat(tensors, unscale_grad);
-  const size_t count = flat.params.size();
+// The kernel over every element of every param, in ranges of at::parallel_for.
+void run_kernel(
+    const std::vector<FlatParam>& flat,
+    const std::optional<at::IntArrayRef>& seeds,
+    ParamRounding rounding,
+    const CpuStepArguments& arguments) {
+  const size_t count = flat.size();
   std::vector<FlatTensorPointers> pointers(count);
   std::vector<UpdateRangeFn> kernels(count);
   std::vector<int64_t> ends(count);  // ends[i]: one past param i's last element, counted over all params
-  const auto& seeds = tensors.stochastic_round_seeds;
-  const ParamRounding rounding = tensors.rounding();
   int64_t total = 0;
   for (size_t i = 0; i < count; ++i) {
+    const FlatParam& param = flat[i];
     pointers[i] = FlatTensorPointers{
-        flat.params[i].data_ptr(), flat.grads[i].data_ptr(),
-        flat.square_avgs[i].data_ptr(), flat.acc_deltas[i].data_ptr(),
-        flat.compensations.empty() ? nullptr : flat.compensations[i].data_ptr(),
-        seeds.has_value()
-            ? stochastic_round_key(
-                  static_cast<uint64_t>((*seeds)[i]),
-                  stochastic_round_step(step_value(tensors.state_steps[i])))
-            : 0};
-    const KernelDtypes dtypes{
-        flat.params[i].scalar_type(), flat.grads[i].scalar_type(),
-        flat.square_avgs[i].scalar_type(), rounding};
+        param.param, param.grad, param.square_avg, param.acc_delta, param.compensation,
+        seeds.has_value() ? stochastic_round_key(
+                                static_cast<uint64_t>((*seeds)[i]),
+                                stochastic_round_step(step_value(param)))
+                          : 0};
+    const KernelDtypes dtypes{param.param_dtype, param.grad_dtype, param.state_dtype, rounding};
     // Params mostly come in runs of one dtype: look the kernel up once per run.
-    const bool same_as_previous = i > 0 && dtypes.param == flat.params[i - 1].scalar_type() &&
-        dtypes.grad == flat.grads[i - 1].scalar_type() &&
-        dtypes.state == flat.square_avgs[i - 1].scalar_type();
+    const bool same_as_previous = i > 0 && dtypes.param == flat[i - 1].param_dtype &&
+        dtypes.grad == flat[i - 1].grad_dtype && dtypes.state == flat[i - 1].state_dtype;
     kernels[i] = same_as_previous ? kernels[i - 1] : find_update_range(dtypes);
     TORCH_INTERNAL_ASSERT(
         kernels[i] != nullptr, "fused_adadelta_: no CPU kernel for params of dtype ",
         dtypes.param, " with grads of dtype ", dtypes.grad, " and state of dtype ", dtypes.state);
-    total += flat.params[i].numel();
+    total += param.numel;
     ends[i] = total;
   }
 
-  // Before the kernel, which would evict the counters' metadata from the caches (NOTE [Versions
+  // Before the kernel, which would evict the counters from the caches (NOTE [Versions
   // bumped first]), and after every rounding key read its counter (two params may share one).
-  increment_steps(tensors.state_steps);
+  increment_steps(flat);
   at::parallel_for(0, total, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     // A range may span several params, and a param several ranges.
     size_t i = std::upper_bound(ends.begin(), ends.end(), begin) - ends.begin();
@@ -152,6 +140,25 @@ void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAda
       begin = range_end;
     }
   });
+}
+
+void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
+  if (options.found_inf.has_value() && options.found_inf->item<double>() != 0) {
+    return;  // GradScaler found an inf or NaN: the step is skipped whole.
+  }
+  const bool unscale_grad = options.grad_scale.has_value();
+  const CpuStepArguments arguments{
+      adadelta_hyperparams(
+          options, options.lr_tensor.has_value() ? options.lr_tensor->item<double>() : options.lr),
+      unscale_grad,
+      unscale_grad ? static_cast<float>(1.0 / options.grad_scale->item<double>()) : 1.0f};
+  const auto& seeds = tensors.stochastic_round_seeds;
+  if (tensors.flat_params != nullptr) {
+    run_kernel(*tensors.flat_params, seeds, tensors.rounding(), arguments);
+    return;
+  }
+  const FlatTensorLists flat(tensors, unscale_grad);
+  run_kernel(flat.flat_params(tensors.state_steps), seeds, tensors.rounding(), arguments);
   flat.write_back();
 }
 
