@@ -326,13 +326,13 @@ AdadeltaHyperparams<double> adadelta_hyperparams(const FusedAdadeltaOptions& opt
 
 // NOTE [Checks list by list]
 // The checks read every tensor's metadata, and, for thousands of small params,
-// a step's kernel has evicted it from the caches (and the TLB) since the last
-// step. They go through the lists one at a time (params, then grads, ...):
-// reading the five tensors of each param in turn, each from a region of memory
-// of its own, took twice as long cold (1,000 params of 4,096 elements: 1.0 ms
-// against 0.56, benchmarks/NOTES.md entry 12). The same pass records what the
-// kernels need (CheckedCall::flat_params), so that no later pass reads the
-// tensors again. A call with several problems reports the first in list order.
+// a step's kernel has evicted it from the caches since the last step. They go
+// through the lists one at a time (params, then grads, ...): reading the five
+// tensors of each param in turn, each from a region of memory of its own, took
+// twice as long cold (1,000 params of 4,096 elements: 1.0 ms against 0.56,
+// benchmarks/NOTES.md entry 12). The same pass records what the kernel needs
+// (CheckedCall::flat_params), so that the CPU op reads no tensor again. A call
+// with several problems reports the first in list order.
 CheckedCall check_fused_adadelta_call(
     const FusedAdadeltaTensors& tensors,
     const FusedAdadeltaOptions& options) {
