@@ -19,12 +19,18 @@ using FusedAdadeltaImpl = void (*)(
     const FusedAdadeltaTensors& tensors,
     const FusedAdadeltaOptions& options);
 
+// Whether Impl runs its kernel from CheckedCall::flat_params (the CPU op, which
+// specializes this): only for such an Impl does the check pass record them.
+// The check op and the other backends leave every tensor's data as it is.
+template <FusedAdadeltaImpl Impl>
+constexpr bool kRunsFromFlatParams = false;
+
 // Checks every argument before Impl changes anything, then calls it: once, or
 // once per param, in order, when params overlap (views of one tensor), so
 // that each sees the updates before it, as torch.optim.Adadelta's for-loop does.
 template <FusedAdadeltaImpl Impl>
 void checked_call(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
-  const CheckedCall call = check_fused_adadelta_call(tensors, options);
+  const CheckedCall call = check_fused_adadelta_call(tensors, options, kRunsFromFlatParams<Impl>);
   if (tensors.params.empty()) {
     return;
   }

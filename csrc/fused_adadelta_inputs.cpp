@@ -335,7 +335,8 @@ AdadeltaHyperparams<double> adadelta_hyperparams(const FusedAdadeltaOptions& opt
 // with several problems reports the first in list order.
 CheckedCall check_fused_adadelta_call(
     const FusedAdadeltaTensors& tensors,
-    const FusedAdadeltaOptions& options) {
+    const FusedAdadeltaOptions& options,
+    bool record_flat_params) {
   const auto& [params, grads, square_avgs, acc_deltas, state_steps, compensations, seeds, _] = tensors;
   TORCH_CHECK(
       grads.size() == params.size() && square_avgs.size() == params.size() &&
@@ -368,17 +369,23 @@ CheckedCall check_fused_adadelta_call(
   for (std::vector<MemoryRange>& role_ranges : ranges) {
     role_ranges.clear();
   }
+  // The records, for a caller that runs its kernel from them (see kRunsFromFlatParams); a
+  // caller that does not gets none, and no access to any tensor's data for writing.
+  const bool record = record_flat_params && has_addresses;
   std::vector<FlatParam>& flat = call.flat_params;
-  flat.resize(count);
-  bool all_flat = true;
-  // A written tensor's data is read as the kernel will write it (a copy-on-write
-  // tensor gets its own copy, with the same values; a tensor that must not be
-  // written raises), so that its range is the memory the kernel writes.
+  flat.resize(record ? count : 0);
+  FlatParam discarded{};
+  const auto record_of = [&](size_t i) -> FlatParam& { return record ? flat[i] : discarded; };
+  bool all_flat = record;
+  // Where the records are kept, a written tensor's data is read as the kernel
+  // will write it (a copy-on-write tensor gets its own copy, with the same
+  // values; a tensor that must not be written raises), so that its range is the
+  // memory the kernel writes.
   const auto data_of = [&](const at::Tensor& tensor, bool written, Role role, size_t i) -> void* {
     if (!has_addresses) {
       return nullptr;
     }
-    void* data = written ? tensor.mutable_data_ptr() : const_cast<void*>(tensor.const_data_ptr());
+    void* data = written && record ? tensor.mutable_data_ptr() : const_cast<void*>(tensor.const_data_ptr());
     add_range(ranges[static_cast<size_t>(role)], tensor, data, role, i);
     return data;
   };
@@ -402,10 +409,10 @@ CheckedCall check_fused_adadelta_call(
     check_no_internal_overlap(param, Role::kParam, i);
     call.any_complex = call.any_complex || param.is_complex();
     all_flat = all_flat && param.is_non_overlapping_and_dense();
-    flat[i].param = data_of(param, true, Role::kParam, i);
-    flat[i].compensation = nullptr;
-    flat[i].numel = has_addresses ? param.numel() : 0;  // sizes may be symbolic on meta
-    flat[i].param_dtype = dtype;
+    record_of(i).param = data_of(param, true, Role::kParam, i);
+    record_of(i).compensation = nullptr;
+    record_of(i).numel = record ? param.numel() : 0;  // sizes may be symbolic on meta
+    record_of(i).param_dtype = dtype;
   }
   for (size_t i = 0; i < count; ++i) {
     const at::Tensor& grad = grads[i];
@@ -423,8 +430,8 @@ CheckedCall check_fused_adadelta_call(
       check_no_internal_overlap(grad, Role::kGrad, i);
     }
     all_flat = all_flat && shares_dense_layout(params[i], grad);
-    flat[i].grad = data_of(grad, grads_are_written, Role::kGrad, i);
-    flat[i].grad_dtype = grad.scalar_type();
+    record_of(i).grad = data_of(grad, grads_are_written, Role::kGrad, i);
+    record_of(i).grad_dtype = grad.scalar_type();
   }
   for (const auto& [list, role] :
        {std::pair{square_avgs, Role::kSquareAvg}, std::pair{acc_deltas, Role::kAccDelta}}) {
@@ -439,10 +446,10 @@ CheckedCall check_fused_adadelta_call(
       all_flat = all_flat && shares_dense_layout(params[i], state);
       void* data = data_of(state, true, role, i);
       if (role == Role::kSquareAvg) {
-        flat[i].square_avg = data;
-        flat[i].state_dtype = state.scalar_type();
+        record_of(i).square_avg = data;
+        record_of(i).state_dtype = state.scalar_type();
       } else {
-        flat[i].acc_delta = data;
+        record_of(i).acc_delta = data;
       }
     }
   }
@@ -455,18 +462,18 @@ CheckedCall check_fused_adadelta_call(
         "fused_adadelta_: state_steps[", i,
         "] must be a one-element float32 or float64 tensor on ", device);
     check_writable(step, "state_steps", i);
-    flat[i].step = data_of(step, true, Role::kStep, i);
-    flat[i].step_dtype = step.scalar_type();
+    record_of(i).step = data_of(step, true, Role::kStep, i);
+    record_of(i).step_dtype = step.scalar_type();
   }
   for (size_t i = 0; compensations.has_value() && i < count; ++i) {
     const at::Tensor& compensation = (*compensations)[i];
     check_compensation(compensation, params[i], i);
     all_flat = all_flat && shares_dense_layout(params[i], compensation);
-    flat[i].compensation = data_of(compensation, true, Role::kCompensation, i);
+    record_of(i).compensation = data_of(compensation, true, Role::kCompensation, i);
   }
   check_options(params, device, options);
   call.params_overlap = has_addresses && check_shared_memory(ranges, grads_are_written);
-  if (!has_addresses || !all_flat || call.any_complex) {
+  if (!all_flat || call.any_complex) {
     flat.clear();
   }
   return call;

@@ -84,8 +84,9 @@ struct CheckedCall {
   // Some params are complex (see RealTensors).
   bool any_complex;
   // Each param's flat arrays, recorded as the checks read its tensors (NOTE
-  // [Checks list by list]), when every param is real and flat (its tensors
-  // dense and laid out alike, see FlatTensorLists): the common case. Else empty.
+  // [Checks list by list]) where the caller asked for them and every param is
+  // real and flat (its tensors dense and laid out alike, see FlatTensorLists):
+  // the common case. Else empty.
   std::vector<FlatParam> flat_params;
 };
 
@@ -106,9 +107,12 @@ struct CheckedCall {
 // - lr, rho, eps and weight_decay in torch.optim.Adadelta's ranges (a
 //   ValueError), and representable in the params' compute type.
 // The address checks are skipped on the meta device, which has no memory.
+// With record_flat_params, also fills CheckedCall::flat_params, reading the
+// data of the tensors the op writes for writing.
 CheckedCall check_fused_adadelta_call(
     const FusedAdadeltaTensors& tensors,
-    const FusedAdadeltaOptions& options);
+    const FusedAdadeltaOptions& options,
+    bool record_flat_params);
 
 // The tensors with each complex one viewed as a real one with a trailing
 // dimension of 2 (torch.view_as_real), as torch.optim updates complex params.

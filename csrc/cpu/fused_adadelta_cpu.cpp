@@ -163,6 +163,14 @@ void fused_adadelta_cpu_impl(const FusedAdadeltaTensors& tensors, const FusedAda
 }
 
 } // namespace
+} // namespace adadelta_ext::cpu
+
+namespace adadelta_ext {
+template <>
+constexpr bool kRunsFromFlatParams<&cpu::fused_adadelta_cpu_impl> = true;
+} // namespace adadelta_ext
+
+namespace adadelta_ext::cpu {
 
 TORCH_LIBRARY_IMPL(adadelta_ext, CPU, m) {
   ADADELTA_IMPL_BOTH_OVERLOADS(m, &fused_adadelta_cpu_impl);
