@@ -410,7 +410,6 @@ CheckedCall check_fused_adadelta_call(
     call.any_complex = call.any_complex || param.is_complex();
     all_flat = all_flat && param.is_non_overlapping_and_dense();
     record_of(i).param = data_of(param, true, Role::kParam, i);
-    record_of(i).compensation = nullptr;
     record_of(i).numel = record ? param.numel() : 0;  // sizes may be symbolic on meta
     record_of(i).param_dtype = dtype;
   }

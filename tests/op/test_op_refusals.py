@@ -15,6 +15,7 @@ import torch
 from optim_testing import DEVICES, OP_OPTIONS, assert_unchanged, op_lists, snapshot
 
 import adadelta_ext
+from adadelta_ext._ops import check_fused_adadelta
 
 TWO_ENTRIES = [(3, 2), (3, 2)]
 
@@ -225,6 +226,18 @@ def test_a_call_that_passed_is_checked_again_once_a_tensor_moves():
     with pytest.raises(RuntimeError, match=r"square_avgs\[0\] and acc_deltas\[1\] share memory"):
         adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
     assert_unchanged(lists, before)
+
+
+def test_the_check_op_reads_no_data_for_writing():
+    """check_fused_adadelta changes nothing, not even how memory is held: a copy-on-write param
+    stays copy-on-write. Only the op itself takes its written tensors' data for writing (NOTE
+    [Checks list by list]), which gives such a param memory of its own."""
+    lists = op_lists(TWO_ENTRIES)
+    lists["params"][0] = torch._lazy_clone(lists["params"][0])
+    check_fused_adadelta(*lists.values(), **OP_OPTIONS)
+    assert torch._C._is_cow_tensor(lists["params"][0])
+    adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
+    assert not torch._C._is_cow_tensor(lists["params"][0])
 
 
 def test_an_expanded_grad_is_read_without_grad_scale():
