@@ -181,7 +181,7 @@ def extension():
     sources = [
         "csrc/fused_adadelta.cpp",
         "csrc/fused_adadelta_inputs.cpp",
-        "csrc/kept_step_lists.cpp",
+        "csrc/gathered_step.cpp",
         "csrc/cpu/fused_adadelta_cpu.cpp",
     ]
     # BuildExtensionPerIsa compiles the per-ISA kernels with these too.

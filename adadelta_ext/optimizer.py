@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import operator
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.adadelta import adadelta as torch_adadelta
+from torch.optim.optimizer import Optimizer, ParamsT, _get_capturable_supported_devices
 
+from ._C import step_gathered
 from ._ops import check_fused_adadelta, fused_adadelta_
 
 try:
@@ -26,6 +28,8 @@ _STATE_KEYS = ("square_avg", "acc_delta")
 # seed of the stochastic rounding (stochastic_round=True). torch.optim.Adadelta ignores both.
 _KAHAN_KEY = "kahan_comp"
 _SEED_KEY = "stochastic_round_seed"
+# How step_gathered rounds float16/bfloat16 params (csrc/gathered_step.cpp's Rounding).
+_NEAREST, _KAHAN, _STOCHASTIC = 0, 1, 2
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -124,8 +128,14 @@ class FusedAdadelta(Optimizer):
       the state is converted at the next step, so the kernel keeps its fast path.
     - Every group is checked before any changes: a refused step changes nothing.
 
-    Not supported, with a clear error: sparse gradients, ``differentiable=True``.
-    ``foreach`` is accepted for compatibility and has no effect.
+    - ``differentiable=True`` steps with torch.optim.Adadelta's own unfused step
+      (autograd cannot differentiate the fused kernel), on this optimizer's state;
+      ``fp32_state``, ``kahan_sum``, ``stochastic_round`` and GradScaler are refused with it.
+    - The param groups are marked ``fused``, as those of torch's fused optimizers:
+      ``load_state_dict`` then puts ``step`` on the param's device, as float32.
+
+    Not supported, with a clear error: sparse gradients. ``foreach`` is accepted
+    for compatibility and has no effect on the fused step.
     """
 
     # GradScaler then sets self.grad_scale and self.found_inf before step().
@@ -159,9 +169,10 @@ class FusedAdadelta(Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if kahan_sum and stochastic_round:
             raise ValueError("kahan_sum and stochastic_round exclude each other: choose one")
-        if differentiable:
+        if differentiable and (fp32_state or kahan_sum or stochastic_round):
             raise ValueError(
-                "FusedAdadelta does not support differentiable=True; use torch.optim.Adadelta for that"
+                "differentiable=True steps with torch.optim.Adadelta's unfused step, which has no"
+                " fp32_state, kahan_sum or stochastic_round"
             )
         defaults = {
             "lr": lr,
@@ -172,11 +183,13 @@ class FusedAdadelta(Optimizer):
             "capturable": capturable,
             "foreach": foreach,
             "differentiable": differentiable,
+            # Marks the groups as torch's fused optimizers are marked: Optimizer.load_state_dict
+            # then moves `step` to the param's device, where the kernel increments it.
+            "fused": True,
         }
         self.fp32_state = fp32_state
         self.kahan_sum = kahan_sum
         self.stochastic_round = stochastic_round
-        self._kept = None  # see NOTE [Kept calls]
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -189,40 +202,43 @@ class FusedAdadelta(Optimizer):
         super().__setstate__(state)
         for name in _OPTIMIZER_OPTIONS:
             self.__dict__.setdefault(name, False)
-        self._kept = None
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("maximize", False)
             group.setdefault("differentiable", False)
             group.setdefault("capturable", False)
+            group.setdefault("fused", True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict of FusedAdadelta or torch.optim.Adadelta.
 
         Optimizer.load_state_dict casts square_avg and acc_delta to each param's
         dtype and device, as torch does for every optimizer. Then ``step`` goes
-        to the param's device and the state to the dtype and layout this
-        optimizer keeps; with ``fp32_state``, float32 state saved for a
-        float16/bfloat16 param is kept as saved rather than rounded on the way in.
-        (An override rather than load_state_dict hooks, which copy.deepcopy and
-        pickling drop.)
+        to the param's device as a floating-point tensor, and the state to the
+        dtype and layout this optimizer keeps; with ``fp32_state``, float32 state
+        saved for a float16/bfloat16 param is kept as saved rather than rounded
+        on the way in. That runs as the last load_state_dict pre-hook and the
+        first post-hook, for this call only (copy.deepcopy and pickling drop
+        hooks): so it sees what the user's pre-hooks made of the state dict, and
+        the user's post-hooks see its result. As in torch, a malformed entry (a
+        state without ``square_avg``, say) loads as it is, and the next step
+        names it.
         """
-        float32_state = self._saved_float32_state(state_dict)
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for param in group["params"]:
-                state = self.state.get(param)
-                if not state:
-                    continue
-                step = state["step"]
-                if not torch.is_tensor(step):
-                    step = torch.tensor(float(step), dtype=_scalar_dtype())
-                state["step"] = step.to(device=param.device)
-                saved = float32_state.get(param, state)
-                for key in _STATE_KEYS:
-                    # State of another shape is left for step() to name the mismatch.
-                    if saved[key].shape == param.shape:
-                        state[key] = self._state_like(param, saved[key])
+        float32_state: dict[Tensor, dict[str, Tensor]] = {}
+
+        def keep_float32_state(optimizer: Optimizer, loaded: dict[str, Any]) -> None:
+            float32_state.update(self._saved_float32_state(loaded))
+
+        def convert_loaded_state(optimizer: Optimizer) -> None:
+            self._convert_loaded_state(float32_state)
+
+        pre_hook = self.register_load_state_dict_pre_hook(keep_float32_state)
+        post_hook = self.register_load_state_dict_post_hook(convert_loaded_state, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre_hook.remove()
+            post_hook.remove()
 
     def _saved_float32_state(self, state_dict: dict[str, Any]) -> dict[Tensor, dict[str, Tensor]]:
         """With fp32_state: the float32 square_avg and acc_delta in a state dict, by param."""
@@ -233,12 +249,33 @@ class FusedAdadelta(Optimizer):
         float32_state = {}
         # Mismatched group sizes are load_state_dict's own error, raised after this.
         for saved_id, param in zip(saved_ids, params, strict=False):
-            saved = state_dict["state"].get(saved_id, {})
-            if all(
+            saved = state_dict["state"].get(saved_id)
+            if isinstance(saved, dict) and all(
                 torch.is_tensor(saved.get(key)) and saved[key].dtype == torch.float32 for key in _STATE_KEYS
             ):
                 float32_state[param] = {key: saved[key] for key in _STATE_KEYS}
         return float32_state
+
+    def _convert_loaded_state(self, float32_state: dict[Tensor, dict[str, Tensor]]) -> None:
+        """Each loaded state as this optimizer keeps it (see load_state_dict); entries that are
+        not what a state holds are left for the next step to name."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not isinstance(state, dict):
+                    continue
+                step = state.get("step")
+                if isinstance(step, (int, float)) and not isinstance(step, bool):
+                    step = torch.tensor(float(step), dtype=_scalar_dtype())
+                if torch.is_tensor(step) and step.numel() == 1:
+                    # An integer step (torch's for-loop path takes one) counts on in floating point.
+                    dtype = step.dtype if step.is_floating_point() else _scalar_dtype()
+                    state["step"] = step.to(device=param.device, dtype=dtype)
+                saved = float32_state.get(param, state)
+                for key in _STATE_KEYS:
+                    # State of another shape is left for step() to name the mismatch.
+                    if torch.is_tensor(saved.get(key)) and saved[key].shape == param.shape:
+                        state[key] = self._state_like(param, saved[key])
 
     def _state_dtype(self, param: Tensor) -> torch.dtype:
         if self.fp32_state and param.dtype in _REDUCED_PRECISION:
@@ -280,7 +317,11 @@ class FusedAdadelta(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not torch.compiler.is_compiling() and self._step_kept_calls():
+        if self.defaults["differentiable"]:
+            with torch.enable_grad():
+                self._differentiable_step()
+            return loss
+        if not torch.compiler.is_compiling() and self._step_gathered_in_cpp():
             return loss
 
         # Undone if the step is refused: the params whose state this step created, and, four
@@ -289,17 +330,16 @@ class FusedAdadelta(Optimizer):
         created: list[Tensor] = []
         replaced: list[Tensor] = []
         # Params whose existing state this step gave a compensation buffer or seed, and, two
-        # tensors each, (param, compensation) for compensation buffers it converted.
+        # tensors each, (param, compensation) for compensation buffers it converted or dropped.
         completed: list[Tensor] = []
         replaced_compensations: list[Tensor] = []
         try:
             calls = []
-            group_calls = []
             for group in self.param_groups:
                 lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
                 self._init_group(group, *lists, created, replaced, completed, replaced_compensations)
-                group_calls.append(list(self._kernel_calls(group, lists)) if lists[0] else [])
-                calls.extend(group_calls[-1])
+                if lists[0]:
+                    calls.extend(self._kernel_calls(group, lists))
             if len(calls) > 1:
                 # Several groups or devices: check every call before any changes a tensor.
                 for tensors, options in calls:
@@ -321,77 +361,39 @@ class FusedAdadelta(Optimizer):
                 p, previous = replaced_compensations[index : index + 2]
                 self.state[p][_KAHAN_KEY] = previous
             raise
-        if not torch.compiler.is_compiling():
-            self._keep_calls(group_calls)
         return loss
 
-    # NOTE [Kept calls]
-    # Building the op's lists costs Python work per param (its grad, its state, checks that the
-    # state still fits it) and converting them to C++ more: microseconds per param, most of a
-    # step for many small params. So after a step the lists stay in C++ (KeptStepLists,
-    # csrc/kept_step_lists.cpp), and the next step reuses them while nothing they came from
-    # changed: the same state dict and number of entries, the same options (fp32_state, kahan_sum,
-    # stochastic_round), the same params in every group (by identity), grads on the same params,
-    # and every param's dtype, device, shape and strides (checked in C++, which also reads the
-    # grads). Anything else takes the full path, which
-    # builds them anew. A state tensor replaced other than through load_state_dict (which makes a
-    # new state dict) is not seen: change state in place, or through load_state_dict.
-    def _keep_calls(self, group_calls: list[list[tuple[tuple[list[Tensor], ...], dict[str, Any]]]]) -> None:
-        """Keeps this step's op calls for the next step, where they can be kept (see NOTE [Kept calls])."""
-        self._kept = None
-        kept_groups = []
-        for group, calls in zip(self.param_groups, group_calls, strict=True):
-            stepped = {id(p) for tensors, _ in calls for p in tensors[0]}
-            without_grad = tuple(p for p in group["params"] if id(p) not in stepped)
-            kept_lists = []
-            for (params, _, square_avgs, acc_deltas, state_steps), options in calls:
-                if not all(type(p) is torch.nn.Parameter or type(p) is Tensor for p in params):
-                    return  # DTensor (its grad is not its local tensor's) or another subclass
-                if any(p.is_complex() for p in params):
-                    return  # outside torch.compile's graph: the full path
-                lists = torch.classes.adadelta_ext.KeptStepLists(
+    # NOTE [Gathered in C++]
+    # Building the op's lists in Python costs about 2 µs per param (its grad, its state, checks
+    # that the state still fits it, then converting each list to C++): most of a step for many
+    # small params. So an eager step first hands the param groups and the state dict to
+    # adadelta_ext._C.step_gathered (csrc/gathered_step.cpp), which reads every param, grad and
+    # state entry as they are at this step, in C++, and calls the op. Nothing is kept between
+    # steps, so nothing can go stale: a param swapped (torch.utils.swap_tensors), a state
+    # replaced or cleared, a grad set from another thread are all seen, and no tensor is held
+    # after the step. It takes only the common case: every param a plain tensor on its group's
+    # device whose state needs no creating or converting (see _init_group). Anything else
+    # returns False, having changed nothing, and the step takes the Python path below, which
+    # is also the one torch.compile traces. tests/optimizer/test_gathered_step.py holds the two
+    # paths to each other.
+    def _step_gathered_in_cpp(self) -> bool:
+        """Steps through adadelta_ext._C.step_gathered if it can (see NOTE [Gathered in C++])."""
+        if type(self.state) not in (dict, defaultdict):
+            return False
+        groups = []
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            device = params[0].device
+            if group["capturable"] and device.type not in _get_capturable_supported_devices(False):
+                return False  # the Python path raises torch's error
+            options = self._call_options(group, device)
+            groups.append(
+                (
                     params,
-                    square_avgs,
-                    acc_deltas,
-                    state_steps,
-                    options.get("compensations", []),
-                    options.get("stochastic_round_seeds", []),
-                )
-                kept_lists.append((lists, params[0].device))
-            kept_groups.append((tuple(group["params"]), without_grad, kept_lists))
-        options = tuple(getattr(self, name) for name in _OPTIMIZER_OPTIONS)
-        self._kept = (self.state, len(self.state), options, kept_groups)
-
-    def _step_kept_calls(self) -> bool:
-        """Steps with the kept calls if they still hold (see NOTE [Kept calls]); False if not."""
-        if self._kept is None:
-            return False
-        state, state_size, options, kept_groups = self._kept
-        if (
-            state is not self.state
-            or len(state) != state_size
-            or options != tuple(getattr(self, name) for name in _OPTIMIZER_OPTIONS)
-            or len(kept_groups) != len(self.param_groups)
-        ):
-            return False
-        calls = []
-        for group, (params, without_grad, kept_lists) in zip(self.param_groups, kept_groups, strict=True):
-            group_params = group["params"]
-            if len(group_params) != len(params) or not all(map(operator.is_, group_params, params)):
-                return False
-            if any(p.grad is not None for p in without_grad):
-                return False
-            calls += [(lists, self._call_options(group, device)) for lists, device in kept_lists]
-        # As the full path: with several calls, every one is checked before any changes a tensor.
-        # A call returns False, having done nothing, if its lists no longer hold; no user code runs
-        # between the checks and the steps, so only the first pass can find that.
-        for check_only in (True, False) if len(calls) > 1 else (False,):
-            for lists, options in calls:
-                lr = options["lr"]
-                if not lists.call(
-                    check_only,
-                    0.0 if isinstance(lr, Tensor) else lr,
-                    lr if isinstance(lr, Tensor) else None,
+                    device,
+                    options["lr"],
                     options["rho"],
                     options["eps"],
                     options["weight_decay"],
@@ -399,9 +401,33 @@ class FusedAdadelta(Optimizer):
                     options["grad_scale"],
                     options["found_inf"],
                     options.get("round_lr_product", False),
-                ):
-                    return False
-        return True
+                )
+            )
+        rounding = _KAHAN if self.kahan_sum else _STOCHASTIC if self.stochastic_round else _NEAREST
+        return step_gathered(groups, self.state, self.fp32_state, rounding)
+
+    def _differentiable_step(self) -> None:
+        """differentiable=True: torch.optim.Adadelta's own unfused step, through which autograd
+        differentiates; on this optimizer's state."""
+        if getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError("FusedAdadelta(differentiable=True) does not support torch.amp.GradScaler")
+        for group in self.param_groups:
+            lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
+            self._init_group(group, *lists, [], [], [], [])
+            if not lists[0]:
+                continue
+            torch_adadelta(
+                *lists,
+                capturable=group["capturable"],
+                lr=group["lr"],
+                rho=group["rho"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                foreach=group["foreach"],
+                maximize=group["maximize"],
+                differentiable=True,
+                has_complex=any(p.is_complex() for p in lists[0]),
+            )
 
     def _init_group(
         self,
@@ -429,10 +455,11 @@ class FusedAdadelta(Optimizer):
         fresh one (`completed`); a compensation buffer is converted with its param
         (`replaced_compensations`).
         """
-        for p in group["params"]:
+        for index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             state = self.state[p]
+            self._check_loaded_state(group, index, state)
             new = not state
             if new:
                 created.append(p)
@@ -446,11 +473,31 @@ class FusedAdadelta(Optimizer):
                     state[key] = self._state_like(p, state[key])
             if p.dtype in _REDUCED_PRECISION:
                 self._init_rounding_state(p, state, new, completed, replaced_compensations)
+            elif _KAHAN_KEY in state and self.kahan_sum:
+                # Left from when the param was float16/bfloat16 (before model.float(), say): what it
+                # held belongs to a rounding that no longer happens, and must not come back.
+                replaced_compensations.extend((p, state.pop(_KAHAN_KEY)))
             params.append(p)
             grads.append(p.grad)
             square_avgs.append(state["square_avg"])
             acc_deltas.append(state["acc_delta"])
             state_steps.append(state["step"])
+
+    def _check_loaded_state(self, group: dict[str, Any], index: int, state: Any) -> None:
+        """Raises, naming the param, if its state is not what a step can use (a malformed
+        checkpoint loads as it is, as in torch; see load_state_dict)."""
+        keys = ("step", *_STATE_KEYS, *((_KAHAN_KEY,) if self.kahan_sum and _KAHAN_KEY in state else ()))
+        if isinstance(state, dict) and (not state or all(torch.is_tensor(state.get(key)) for key in keys)):
+            return  # made at this step, or a state to step
+        group_index = next(g for g, other in enumerate(self.param_groups) if other is group)
+        where = f"FusedAdadelta: the state of param_groups[{group_index}]['params'][{index}]"
+        if not isinstance(state, dict):
+            raise TypeError(f"{where} is a {type(state).__name__}, not a dict")
+        for key in keys:
+            if key not in state:
+                raise KeyError(f"{where} has no {key!r}: it needs step, square_avg and acc_delta")
+            if not torch.is_tensor(state[key]):
+                raise TypeError(f"{where} has {key!r} of type {type(state[key]).__name__}, not a tensor")
 
     def _init_rounding_state(
         self,
@@ -517,6 +564,7 @@ class FusedAdadelta(Optimizer):
                 per_call.append((key, tuple([t[i] for i in indices] for t in lists), indices))
 
         for (device, rounded), tensors, indices in per_call:
+            self._check_capturable_device(group, device)
             options = self._call_options(group, device)
             if rounded:
                 states = [self.state[originals[i]] for i in indices]
@@ -525,6 +573,18 @@ class FusedAdadelta(Optimizer):
                 else:
                     options["stochastic_round_seeds"] = [state[_SEED_KEY] for state in states]
             yield tensors, options
+
+    def _check_capturable_device(self, group: dict[str, Any], device: torch.device) -> None:
+        """Raises torch.optim.Adadelta's error for capturable=True on a device that cannot capture
+        (as torch, not while compiling: the compiler checks CUDA graphs itself)."""
+        if group["capturable"] and not torch.compiler.is_compiling():
+            devices = _get_capturable_supported_devices(supports_xla=False)
+            if device.type not in devices:
+                group_index = next(g for g, other in enumerate(self.param_groups) if other is group)
+                raise AssertionError(
+                    f"If capturable=True, params and state_steps must be on supported devices: {devices}."
+                    f" param_groups[{group_index}] has params on {device}."
+                )
 
     def _call_options(self, group: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """The op's options for the group's params on `device`."""

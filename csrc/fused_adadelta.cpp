@@ -2,7 +2,6 @@
 // backend shares (autograd's version counters, meta, sparse refusal). The
 // device implementations live in cpu/ and cuda/; each checks its call through
 // checked_call (fused_adadelta.h) before changing anything.
-#include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
@@ -225,10 +224,3 @@ TORCH_LIBRARY_IMPL(adadelta_ext, SparseCUDA, m) {
 }
 
 } // namespace adadelta_ext
-
-// `import adadelta_ext._C` loads this library, which runs the registrations
-// above; the module itself is empty (ops live under torch.ops.adadelta_ext).
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

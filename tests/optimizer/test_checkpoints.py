@@ -157,7 +157,9 @@ def test_group_added_later_survives_a_checkpoint_like_torchs(device):
         results[optimizer_class] = (resumed_model, resumed)
 
     (fused_model, fused), (torch_model, reference) = results[FusedAdadelta], results[torch.optim.Adadelta]
-    assert fused.state_dict()["param_groups"] == reference.state_dict()["param_groups"]
+    assert fused.state_dict()["param_groups"] == [
+        {**group, "fused": True} for group in reference.state_dict()["param_groups"]
+    ]
     torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict())
     torch.testing.assert_close(optimizer_state(fused), optimizer_state(reference), check_device=False)
     last_weight = fused_model[-1].weight
@@ -323,3 +325,117 @@ def test_checkpoint_of_other_shapes_is_refused_at_step_and_changes_nothing(devic
         optimizer.step()
 
     assert_unchanged(optimizer_snapshot(optimizer), before)
+
+
+@pytest.mark.cuda
+def test_a_cpu_checkpoint_loads_onto_cuda_as_torchs_test_state_dict_with_cuda_params_expects():
+    """Issue 23, defect 13: torch's TestOptimRenewed.test_state_dict_with_cuda_params, for
+    FusedAdadelta. Its groups are marked fused, as torch's fused optimizers' are, so torch's own rule
+    moves `step` to CUDA on load (where the kernel increments it); loading leaves the state dict
+    as it was; and the two optimizers then step alike."""
+    params = [torch.nn.Parameter(torch.randn(2, 3)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = FusedAdadelta(params)
+    for _ in range(3):
+        optimizer.step()
+    with torch.no_grad():
+        params_cuda = [p.to(device="cuda") for p in params]
+        for p, cpu_param in zip(params_cuda, params, strict=True):
+            p.grad = cpu_param.grad.to(device="cuda")
+    optimizer_cuda = FusedAdadelta(params_cuda)
+    state_dict_cpu = save_and_load(optimizer.state_dict())
+    state_dict_cuda = save_and_load(optimizer.state_dict())
+    optimizer_cuda.load_state_dict(state_dict_cuda)
+    torch.testing.assert_close(state_dict_cuda, state_dict_cpu, rtol=0, atol=0)
+    assert state_dict_cpu["param_groups"][0]["fused"]
+    for state in optimizer_cuda.state_dict()["state"].values():
+        assert state["step"].device.type == "cuda"
+    for _ in range(5):
+        optimizer.step()
+        optimizer_cuda.step()
+        torch.testing.assert_close(params_cuda, params, check_device=False)
+        torch.testing.assert_close(optimizer_cuda.state_dict(), optimizer.state_dict(), check_device=False)
+
+
+def test_load_state_dict_hooks_see_and_keep_what_they_do():
+    """Issue 23, defect 6: with fp32_state, the float32 state is taken from the state dict as the
+    user's pre-hooks left it, and the user's post-hooks see the loaded state and keep what they do."""
+    model = small_model("cpu", torch.bfloat16)
+    optimizer = FusedAdadelta(model.parameters(), fp32_state=True)
+    train_steps(model, optimizer, 2)
+    checkpoint = save_and_load(optimizer.state_dict())
+    loaded = FusedAdadelta(model.parameters(), fp32_state=True)
+
+    def pre_hook(optimizer, state_dict):
+        for state in state_dict["state"].values():
+            state["square_avg"] = torch.full_like(state["square_avg"], 0.25)
+
+    def post_hook(optimizer):
+        for state in optimizer.state.values():
+            assert state["square_avg"].dtype == torch.float32, "the post-hook runs after the conversion"
+            state["acc_delta"].fill_(0.5)
+
+    loaded.register_load_state_dict_pre_hook(pre_hook)
+    loaded.register_load_state_dict_post_hook(post_hook)
+    loaded.load_state_dict(checkpoint)
+    for p in model.parameters():
+        assert torch.equal(loaded.state[p]["square_avg"], torch.full(p.shape, 0.25))
+        assert torch.equal(loaded.state[p]["acc_delta"], torch.full(p.shape, 0.5))
+
+
+MALFORMED = {
+    "no_square_avg": (lambda state: state.pop("square_avg"), KeyError, "has no 'square_avg'"),
+    "acc_delta_none": (
+        lambda state: state.update(acc_delta=None),
+        TypeError,
+        "has 'acc_delta' of type NoneType, not a tensor",
+    ),
+    # torch.optim.Adadelta's own load fails on this one, in its __setstate__, after replacing the state.
+    "step_none": (lambda state: state.update(step=None), TypeError, "has 'step' of type NoneType"),
+}
+
+
+@pytest.mark.parametrize("malformation", MALFORMED.keys())
+def test_a_malformed_checkpoint_loads_as_in_torch_and_the_next_step_names_it(malformation):
+    """Issue 23, defect 14: a malformed entry made load_state_dict fail after it had replaced the
+    state. As torch, the load succeeds; the next step names the param and the problem, and changes
+    nothing: no param, and the loaded state entries are the same objects, with the same values."""
+    spoil, error, message = MALFORMED[malformation]
+    model = small_model()
+    optimizer = FusedAdadelta(model.parameters())
+    train_steps(model, optimizer, 1)
+    checkpoint = save_and_load(optimizer.state_dict())
+    spoil(checkpoint["state"][2])
+    if malformation != "step_none":
+        torch.optim.Adadelta(model.parameters()).load_state_dict(save_and_load(checkpoint))
+    optimizer.load_state_dict(checkpoint)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {p: dict(entries) for p, entries in optimizer.state.items()}
+    values = [t.clone() for entries in state.values() for t in entries.values() if torch.is_tensor(t)]
+    with pytest.raises(error, match=rf"param_groups\[0\]\['params'\]\[2\] {message}"):
+        optimizer.step()
+    assert all(torch.equal(p, before) for p, before in zip(model.parameters(), params, strict=True))
+    assert {p: dict(entries) for p, entries in optimizer.state.items()} == state  # identity of each value
+    after = [t for entries in state.values() for t in entries.values() if torch.is_tensor(t)]
+    assert all(torch.equal(t, before) for t, before in zip(after, values, strict=True))
+
+
+def test_an_integer_step_in_a_checkpoint_counts_on_in_floating_point():
+    """torch's for-loop path steps with an int64 `step` (older checkpoints, or edited ones);
+    FusedAdadelta loads it as a floating-point counter, the kernel's, and trains on as torch does."""
+    results = []
+    for optimizer_class in (FusedAdadelta, torch.optim.Adadelta):
+        model = small_model()
+        optimizer = optimizer_class(model.parameters(), lr=0.5)
+        train_steps(model, optimizer, 2)
+        checkpoint = save_and_load(optimizer.state_dict())
+        for state in checkpoint["state"].values():
+            state["step"] = state["step"].to(torch.int64)
+        optimizer.load_state_dict(checkpoint)
+        train_steps(model, optimizer, 2)
+        results.append((model, optimizer))
+    (fused_model, fused), (torch_model, reference) = results
+    torch.testing.assert_close(fused_model.state_dict(), torch_model.state_dict())
+    for p in fused_model.parameters():
+        assert fused.state[p]["step"].dtype == torch.float32 and fused.state[p]["step"].item() == 4

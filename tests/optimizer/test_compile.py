@@ -98,7 +98,9 @@ def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp
 
     Dynamo traces every optimizer step with capturable=True, torch's own included, so with a
     tensor lr the compiled step rounds as torch's capturable step does (param + update * (-lr)):
-    it is compared with an eager capturable step."""
+    on CUDA it is compared with an eager capturable step. On the CPU an eager step cannot be
+    capturable (torch refuses it, and so does FusedAdadelta), so the two apply the lr product with
+    different roundings: assert_close's default tolerance there."""
     compiled_model, eager_model = twin_models(small_model(device, dtype))
     lr = torch.tensor(0.8, device=device) if lr_kind == "tensor_lr" else 0.8
     optimizers = [
@@ -107,7 +109,7 @@ def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp
             lr=optimizer_kwargs({"lr": lr}, device)["lr"],
             weight_decay=0.1,
             fp32_state=fp32_state,
-            capturable=model is eager_model and lr_kind == "tensor_lr",
+            capturable=model is eager_model and lr_kind == "tensor_lr" and device == "cuda",
         )
         for model in (compiled_model, eager_model)
     ]
@@ -127,8 +129,9 @@ def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp
                 group["lr"] *= 0.5
 
     assert counters["stats"]["calls_captured"] > 0, "torch.compile must have traced the step"
-    torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict(), rtol=0, atol=0)
-    torch.testing.assert_close(optimizer_state(optimizers[0]), optimizer_state(optimizers[1]), rtol=0, atol=0)
+    exact = {} if lr_kind == "tensor_lr" and device == "cpu" else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict(), **exact)
+    torch.testing.assert_close(optimizer_state(optimizers[0]), optimizer_state(optimizers[1]), **exact)
 
 
 @pytest.mark.parametrize("option", ["kahan_sum", "stochastic_round"])

@@ -131,9 +131,10 @@ def test_state_dict_round_trips_through_torch_adadelta(option):
 def test_the_default_state_dict_has_torchs_keys_only():
     _, optimizer = train(torch.bfloat16, 2)
     assert set(optimizer.state_dict()["state"][0]) == {"step", "square_avg", "acc_delta"}
-    assert set(optimizer.state_dict()["param_groups"][0]) == set(
-        torch.optim.Adadelta([torch.zeros(1)]).state_dict()["param_groups"][0]
-    )
+    assert set(optimizer.state_dict()["param_groups"][0]) == {
+        *torch.optim.Adadelta([torch.zeros(1)]).state_dict()["param_groups"][0],
+        "fused",  # see test_state.py
+    }
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
@@ -188,3 +189,27 @@ def test_mixed_dtypes_in_one_group(option):
         plain.step()
     assert torch.equal(wide, reference)
     assert set(optimizer.state[narrow]) > set(optimizer.state[wide])
+
+
+def test_a_kahan_buffer_left_from_16_bits_is_dropped_at_the_first_wider_step():
+    """Decided in issue 23: after model.float(), a bfloat16 param's kahan_comp belongs to a rounding
+    that no longer happens. The first float32 step drops it, so that if the param goes back to
+    bfloat16 it starts from a fresh buffer (as a param that never had one) instead of re-applying
+    a stale compensation."""
+    param, optimizer = train(torch.bfloat16, 3, kahan_sum=True)
+    assert optimizer.state[param]["kahan_comp"].abs().sum() > 0
+    with torch.no_grad():
+        param.data = param.data.float()  # model.float()
+    train(torch.float32, 1, values_of=torch.float32, optimizer=optimizer, param=param, first=3)
+    assert "kahan_comp" not in optimizer.state[param]
+
+    twin = torch.nn.Parameter(param.detach().clone())
+    twin_optimizer = FusedAdadelta([twin], lr=LR[torch.bfloat16], fp32_state=True, kahan_sum=True)
+    twin_optimizer.load_state_dict(save_and_load(optimizer.state_dict()))
+    for p in (param, twin):
+        with torch.no_grad():
+            p.data = p.data.bfloat16()  # model.bfloat16()
+    train(torch.bfloat16, 2, optimizer=optimizer, param=param, first=4)
+    train(torch.bfloat16, 2, optimizer=twin_optimizer, param=twin, first=4)
+    assert torch.equal(param, twin)
+    assert torch.equal(optimizer.state[param]["kahan_comp"], twin_optimizer.state[twin]["kahan_comp"])

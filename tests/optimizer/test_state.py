@@ -27,7 +27,8 @@ def test_state_has_torch_keys_dtypes_and_shapes(device):
     train_steps(fused_model, fused, 1)
     train_steps(torch_model, reference, 1)
     ours, theirs = fused.state_dict(), reference.state_dict()
-    assert ours["param_groups"] == theirs["param_groups"]
+    # Marked as torch's fused optimizers mark theirs: load_state_dict then keeps `step` on the device.
+    assert ours["param_groups"] == [{**group, "fused": True} for group in theirs["param_groups"]]
     assert ours["state"].keys() == theirs["state"].keys()
     for index, state in theirs["state"].items():
         assert ours["state"][index].keys() == state.keys()
