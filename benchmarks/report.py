@@ -80,18 +80,21 @@ def _host_cost(run: dict) -> list[str]:
     few, many = costs[0]["tensors"]
     elements = costs[0]["elements_per_tensor"]
     lines = [
-        "## Host cost per tensor",
+        "## Host cost per tensor and per step",
         "",
-        f"(step of {many:,} float32 params of {elements} elements - step of {few:,} of them) /"
-        f" {many - few:,}: the work a step does per tensor beyond its bytes (checks, lists, launches).",
+        f"**per tensor** = (step of {many:,} float32 params of {elements} elements - step of {few:,}"
+        f" of them) / {many - few:,}: the work a step does per tensor beyond its bytes (checks, lists,"
+        f" launches). **fixed** = step of {few:,} - {few:,} x per tensor: what a step costs whatever"
+        " its tensors (Python around the call, hooks, dispatch).",
         "",
-        f"| implementation | {few:,} tensors | {many:,} tensors | per tensor |",
-        "|---|--:|--:|--:|",
+        f"| implementation | {few:,} tensors | {many:,} tensors | per tensor | fixed |",
+        "|---|--:|--:|--:|--:|",
     ]
     for cost in costs:
+        fixed = cost["median_s"][str(few)] * 1e6 - few * cost["us_per_tensor"]
         lines.append(
             f"| {cost['implementation']} | {_time(cost['median_s'][str(few)])}"
-            f" | {_time(cost['median_s'][str(many)])} | {cost['us_per_tensor']:.2f} µs |"
+            f" | {_time(cost['median_s'][str(many)])} | {cost['us_per_tensor']:.2f} µs | {fixed:.0f} µs |"
         )
     return [*lines, ""]
 

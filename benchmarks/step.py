@@ -295,9 +295,11 @@ def time_step(
 
 
 def host_cost(implementation: str, device: torch.device, plan: RunPlan) -> dict:
-    """The host's work per tensor in one step: the step of many tiny float32 params less the
-    step of a few, over the difference in tensors. Tiny params move next to no bytes, so
-    what grows with their number is the per-tensor work (checks, lists, launches)."""
+    """The host's work in one step: per tensor, the step of many tiny float32 params less the
+    step of a few, over the difference in tensors (tiny params move next to no bytes, so what
+    grows with their number is the per-tensor work: checks, lists, launches); and fixed, what a
+    step costs beyond that, whatever its tensors (the line through both steps at zero tensors:
+    Python around the call, hooks, dispatch), which the report derives from the same medians."""
     few, many = HOST_COST_TENSORS
     steps = {
         count: time_step(implementation, [(HOST_COST_ELEMENTS,)] * count, torch.float32, device, plan, None)
