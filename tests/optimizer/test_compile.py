@@ -1,5 +1,7 @@
 """FusedAdadelta under torch.compile (the op's registrations, as opcheck checks them, are in
-tests/op/test_opcheck.py).
+tests/op/test_opcheck.py). By default a compiled step leaves the graph and runs the eager step;
+with capturable=True it is traced into the graph (NOTE [Under torch.compile] in
+adadelta_ext/optimizer.py): both are tested here.
 
 Tolerances:
 - A compiled FusedAdadelta step runs the same C++/CUDA kernel as an eager one (the op is
@@ -92,12 +94,12 @@ def test_compiled_training_step_matches_eager_fused_and_eager_torch(device, dtyp
 @pytest.mark.parametrize(("dtype", "fp32_state"), DTYPES_AND_STATE)
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp32_state, lr_kind):
-    """`torch.compile(optimizer.step, fullgraph=True)` traces without a graph break and, with the lr
-    changed between steps as a scheduler would (a float: recompiles; a tensor: changed in place),
-    gives exactly what eager FusedAdadelta gives (rtol=0, atol=0: the same kernel runs).
+    """With capturable=True, `torch.compile(optimizer.step, fullgraph=True)` traces the step without a
+    graph break and, with the lr changed between steps as a scheduler would (a float: recompiles; a
+    tensor: changed in place), gives exactly what eager FusedAdadelta gives (rtol=0, atol=0: the
+    same kernel runs).
 
-    Dynamo traces every optimizer step with capturable=True, torch's own included, so with a
-    tensor lr the compiled step rounds as torch's capturable step does (param + update * (-lr)):
+    A tensor lr under capturable rounds as torch's capturable step does (param + update * (-lr)):
     on CUDA it is compared with an eager capturable step. On the CPU an eager step cannot be
     capturable (torch refuses it, and so does FusedAdadelta), so the two apply the lr product with
     different roundings: assert_close's default tolerance there."""
@@ -109,7 +111,7 @@ def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp
             lr=optimizer_kwargs({"lr": lr}, device)["lr"],
             weight_decay=0.1,
             fp32_state=fp32_state,
-            capturable=model is eager_model and lr_kind == "tensor_lr" and device == "cuda",
+            capturable=model is compiled_model or (lr_kind == "tensor_lr" and device == "cuda"),
         )
         for model in (compiled_model, eager_model)
     ]
@@ -138,10 +140,12 @@ def test_compiled_step_is_one_graph_and_bit_identical_to_eager(device, dtype, fp
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_step_with_a_16bit_rounding_option_is_bit_identical_to_eager(device, option):
     """The Kahan compensation buffers and the stochastic rounding seeds (created outside the graph,
-    with the state) reach the traced op: the compiled step gives eager's bits, state included."""
+    with the state) reach the traced op (capturable=True): the compiled step gives eager's bits,
+    state included."""
     compiled_model, eager_model = twin_models(small_model(device, torch.bfloat16))
     optimizers = [
-        FusedAdadelta(model.parameters(), lr=0.8, **{option: True}) for model in (compiled_model, eager_model)
+        FusedAdadelta(model.parameters(), lr=0.8, capturable=model is compiled_model, **{option: True})
+        for model in (compiled_model, eager_model)
     ]
     compiled_step = torch.compile(optimizers[0].step, fullgraph=True)
     inputs = model_input(compiled_model)
@@ -160,11 +164,11 @@ def test_compiled_step_with_a_16bit_rounding_option_is_bit_identical_to_eager(de
 
 
 @pytest.mark.cuda
-def test_reduce_overhead_training_step_replays_cuda_graphs_and_matches_eager():
+def test_reduce_overhead_training_step_replays_cuda_graphs_and_matches_eager(monkeypatch):
     """mode="reduce-overhead" (CUDA graph trees) with capturable=True and a CUDA tensor lr, decayed in
-    place between steps: no graph of the step is left out of CUDA graphs, and the result is eager
-    FusedAdadelta's and eager torch.optim.Adadelta's (float32 defaults: Inductor recompiles
-    forward and backward)."""
+    place between steps: the optimizer step is in the compiled graphs (never run eagerly), no graph
+    is left out of CUDA graphs, and the result is eager FusedAdadelta's and eager
+    torch.optim.Adadelta's (float32 defaults: Inductor recompiles forward and backward)."""
     compiled_model, eager_model = twin_models(small_model("cuda"))
     torch_model = twin_models(eager_model)[1]
     kwargs = {"capturable": True, "weight_decay": 0.1}
@@ -173,6 +177,8 @@ def test_reduce_overhead_training_step_replays_cuda_graphs_and_matches_eager():
     reference = torch.optim.Adadelta(torch_model.parameters(), lr=torch.tensor(0.5, device="cuda"), **kwargs)
     inputs = model_input(compiled_model)
     compiled_step = torch.compile(training_step, mode="reduce-overhead")
+    eager_steps = []
+    monkeypatch.setattr(compiled, "_step_gathered_in_cpp", lambda: eager_steps.append(1) or False)
 
     for _ in range(6):
         torch.compiler.cudagraph_mark_step_begin()
@@ -184,10 +190,43 @@ def test_reduce_overhead_training_step_replays_cuda_graphs_and_matches_eager():
     torch.cuda.synchronize()
 
     assert counters["inductor"]["cudagraph_skips"] == 0, "a graph ran outside CUDA graphs"
+    assert not eager_steps, "the step ran eagerly, outside the CUDA graphs"
     torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict())
     torch.testing.assert_close(optimizer_state(compiled), optimizer_state(eager))
     torch.testing.assert_close(compiled_model.state_dict(), torch_model.state_dict())
     torch.testing.assert_close(optimizer_state(compiled), optimizer_state(reference))
+
+
+@pytest.mark.parametrize("compiled", ["step_only", "training_step"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_by_default_a_compiled_step_runs_the_eager_step_outside_the_graph(device, compiled):
+    """Issue 24: tracing the fused op buys nothing and costs per-tensor work at every call. Without
+    capturable, a compiled step leaves the graph and takes the eager C++ path at every step after
+    the first (which creates the state): the eager step's bits, and nothing of it traced."""
+    models = twin_models(small_model(device))
+    optimizers = [FusedAdadelta(model.parameters(), lr=0.5, weight_decay=0.1) for model in models]
+    gathered = []
+    step_gathered = optimizers[0]._step_gathered_in_cpp
+
+    def counted():
+        gathered.append(step_gathered())
+        return gathered[-1]
+
+    optimizers[0]._step_gathered_in_cpp = counted
+    steps = [torch.compile(training_step) if compiled == "training_step" else training_step, training_step]
+    if compiled == "step_only":
+        optimizers[0].step = torch.compile(optimizers[0].step)
+    inputs = model_input(models[0])
+    for _ in range(STEPS):
+        for model, optimizer, step in zip(models, optimizers, steps, strict=True):
+            step(model, optimizer, inputs)
+    assert gathered == [False] + [True] * (STEPS - 1)
+    if compiled == "step_only":
+        assert counters["stats"]["unique_graphs"] == 0, "nothing of the step is traced"
+    # A compiled forward and backward may round otherwise: the defaults then.
+    exact = {"rtol": 0, "atol": 0} if compiled == "step_only" else {}
+    torch.testing.assert_close(models[0].state_dict(), models[1].state_dict(), **exact)
+    torch.testing.assert_close(optimizer_state(optimizers[0]), optimizer_state(optimizers[1]), **exact)
 
 
 @pytest.mark.parametrize("whole_training_step", [False, True], ids=["step_only", "training_step"])
