@@ -99,6 +99,30 @@ def _host_cost(run: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _compiled(run: dict) -> list[str]:
+    rows = run.get("compiled") or []
+    if not rows:
+        return []
+    lines = [
+        "## Compiled: torch.compile(optimizer.step) against the eager step",
+        "",
+        "float32 params of 4,096 elements, FusedAdadelta with default options (the compiled step"
+        " leaves the graph and runs the eager one: NOTE [Under torch.compile]). **compile**: the"
+        " compiled optimizer's first step, compilation included.",
+        "",
+        "| params | eager | compiled | ratio | compile | goal |",
+        "|--:|--:|--:|--:|--:|---|",
+    ]
+    for row in rows:
+        goal = row.get("goal")
+        verdict = "" if goal is None else f"<= {goal}x: {'met' if row['ratio'] <= goal else 'not met'}"
+        lines.append(
+            f"| {row['params']:,} | {_time(row['eager_median_s'])} | {_time(row['compiled_median_s'])}"
+            f" | {row['ratio']:.2f}x | {row['compile_s']:.1f} s | {verdict} |"
+        )
+    return [*lines, ""]
+
+
 def _launch_bound(run: dict) -> list[str]:
     rows = run.get("launch_bound") or []
     if not rows:
@@ -194,6 +218,7 @@ def markdown(run: dict) -> str:
         *_host_cost(run),
         *_launch_bound(run),
         *_cuda_graphs(run),
+        *_compiled(run),
     ]
     return "\n".join(lines).rstrip("\n")
 

@@ -48,6 +48,10 @@ HOST_COST_IMPLEMENTATIONS = ("FusedAdadelta", "torch foreach")
 LAUNCH_BOUND = ("1000x4096", "4096000")
 # FusedAdadelta's goal: 1000x4096 float32 within this factor of the single tensor's time.
 LAUNCH_BOUND_GOAL = 1.3
+# torch.compile(optimizer.step) against the eager step, at these many float32 params of 4,096
+# elements (issue 24: at 1,000 params, at most COMPILED_GOAL times the eager step).
+COMPILED_PARAM_COUNTS = (10, 100, 1000)
+COMPILED_GOAL = 1.2
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
@@ -138,6 +142,12 @@ def _fused(params: list[Tensor]) -> Built:
     return _stepped(optimizer, optimizer.step)
 
 
+def _compiled_fused(params: list[Tensor]) -> Built:
+    # As PyTorch's tutorials compile an optimizer: its step, default mode (NOTE [Under torch.compile]).
+    optimizer = FusedAdadelta(params, rho=RHO, fp32_state=True)
+    return _stepped(optimizer, torch.compile(optimizer.step))
+
+
 def _warmed_up_for_capture(optimizer: torch.optim.Optimizer) -> Built:
     """The eager step of a capturable optimizer, its first steps taken on a side stream.
 
@@ -186,6 +196,7 @@ IMPLEMENTATIONS: dict[str, Callable[[list[Tensor]], Built]] = {
     "FusedAdadelta stochastic_round": _fused_with("stochastic_round"),
     "torch foreach (CUDA graph)": _torch_foreach_cuda_graph,
     "FusedAdadelta (CUDA graph)": _fused_cuda_graph,
+    "torch.compile FusedAdadelta": _compiled_fused,
 }
 # Neither is the baseline of any goal: --skip-slow-above may leave them out of large workloads.
 SLOW_IMPLEMENTATIONS = ("reference", "torch for-loop")
@@ -193,6 +204,8 @@ SLOW_IMPLEMENTATIONS = ("reference", "torch for-loop")
 # launch-bound pair, where launching is what a graph saves.
 CUDA_GRAPH_IMPLEMENTATIONS = ("torch foreach (CUDA graph)", "FusedAdadelta (CUDA graph)")
 CUDA_GRAPH_WORKLOADS = LAUNCH_BOUND
+# Timed in their own section (compiled_steps), not on the workloads.
+SECTION_IMPLEMENTATIONS = ("torch.compile FusedAdadelta",)
 
 
 # For 16-bit params only (no effect on others).
@@ -204,7 +217,8 @@ def implementations(device: torch.device, workload: str, dtype_name: str) -> lis
     return [
         name
         for name in IMPLEMENTATIONS
-        if (
+        if name not in SECTION_IMPLEMENTATIONS
+        and (
             name not in CUDA_GRAPH_IMPLEMENTATIONS
             or (device.type == "cuda" and workload in CUDA_GRAPH_WORKLOADS)
         )
@@ -313,6 +327,31 @@ def host_cost(implementation: str, device: torch.device, plan: RunPlan) -> dict:
         "median_s": {str(count): steps[count]["median_s"] for count in HOST_COST_TENSORS},
         "us_per_tensor": (steps[many]["median_s"] - steps[few]["median_s"]) / (many - few) * 1e6,
     }
+
+
+def compiled_steps(device: torch.device, plan: RunPlan, scratch: Tensor) -> list[dict]:
+    """torch.compile(optimizer.step) against the eager step, at COMPILED_PARAM_COUNTS float32 params
+    of 4,096 elements: each one's median and first step (for the compiled one, compilation)."""
+    rows = []
+    for count in COMPILED_PARAM_COUNTS:
+        timed = {}
+        for implementation in ("FusedAdadelta", "torch.compile FusedAdadelta"):
+            shapes = [(4096,)] * count
+            timed[implementation] = time_step(implementation, shapes, torch.float32, device, plan, scratch)
+            release_memory(device)
+        eager, compiled = timed["FusedAdadelta"], timed["torch.compile FusedAdadelta"]
+        rows.append(
+            {
+                "params": count,
+                "eager_median_s": eager["median_s"],
+                "compiled_median_s": compiled["median_s"],
+                "ratio": compiled["median_s"] / eager["median_s"],
+                "compile_s": compiled["first_step_s"],
+                "eager_first_step_s": eager["first_step_s"],
+                **({"goal": COMPILED_GOAL} if count == COMPILED_PARAM_COUNTS[-1] else {}),
+            }
+        )
+    return rows
 
 
 def release_memory(device: torch.device) -> None:
@@ -468,7 +507,7 @@ def main() -> None:
     results = []
     ceilings = {"step pattern": step_pattern_bandwidth, "copy": copy_bandwidth}
     with tqdm(
-        total=len(jobs) + (len(workloads) + 1) * len(ceilings) + len(HOST_COST_IMPLEMENTATIONS),
+        total=len(jobs) + (len(workloads) + 1) * len(ceilings) + len(HOST_COST_IMPLEMENTATIONS) + 1,
         unit="measurement",
     ) as progress:
         # The ceilings before the steps and after each workload: a shared machine's bandwidth drifts
@@ -492,6 +531,9 @@ def main() -> None:
             host_costs.append(host_cost(implementation, device, plan))
             release_memory(device)
             progress.update()
+        progress.set_postfix_str("compiled steps")
+        compiled = compiled_steps(device, plan, scratch)
+        progress.update()
         for workload, dtype_name, implementation in jobs:
             progress.set_postfix_str(f"{workload} {dtype_name} {implementation}")
             shapes = WORKLOADS[workload]
@@ -541,6 +583,7 @@ def main() -> None:
         "ceiling": ceiling,
         "copy": copy,
         "host_cost": host_costs,
+        "compiled": compiled,
         "launch_bound": launch_bound(results),
         "cuda_graphs": cuda_graphs(results),
         "results": results,
