@@ -107,18 +107,9 @@ void check_options(
     at::TensorList params,
     const at::Device& device,
     const FusedAdadeltaOptions& options) {
-  // torch.optim.Adadelta's own ranges (ValueError), so that a param_groups edit
-  // cannot slip past them. A tensor lr is not read here: that would wait for the device.
-  TORCH_CHECK_VALUE(
-      options.lr_tensor.has_value() || options.lr >= 0.0,
-      "fused_adadelta_: Invalid learning rate: ", options.lr);
-  TORCH_CHECK_VALUE(
-      options.rho >= 0.0 && options.rho <= 1.0, "fused_adadelta_: Invalid rho value: ",
-      options.rho);
-  TORCH_CHECK_VALUE(options.eps >= 0.0, "fused_adadelta_: Invalid epsilon value: ", options.eps);
-  TORCH_CHECK_VALUE(
-      options.weight_decay >= 0.0, "fused_adadelta_: Invalid weight_decay value: ",
-      options.weight_decay);
+  // No range of lr, rho, eps or weight_decay is checked: torch.optim.Adadelta
+  // checks them in __init__ only (as FusedAdadelta does), and steps with
+  // whatever a param_groups edit or an LRScheduler sets (a negative lr, say).
   check_scalar_tensor(options.lr_tensor, "lr", device, /*integers_allowed=*/true);
   check_scalar_tensor(options.grad_scale, "grad_scale", device, false);
   check_scalar_tensor(options.found_inf, "found_inf", device, false);

@@ -104,8 +104,9 @@ struct CheckedCall {
 // - no written tensor (params, states, and grads when grad_scale unscales them)
 //   whose elements share memory, and no two tensors of different roles
 //   sharing memory (params may share memory with each other);
-// - lr, rho, eps and weight_decay in torch.optim.Adadelta's ranges (a
-//   ValueError), and representable in the params' compute type.
+// - a float lr, eps and weight_decay representable in the params' compute
+//   type. Their ranges (and rho's) are not checked: torch.optim.Adadelta
+//   steps with a negative lr, say, set after __init__, and so does the op.
 // The address checks are skipped on the meta device, which has no memory.
 // With record_flat_params, also fills CheckedCall::flat_params, reading the
 // data of the tensors the op writes for writing.
