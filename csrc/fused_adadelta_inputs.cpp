@@ -63,7 +63,9 @@ void check_state_dtypes(
       acc_delta.scalar_type());
 }
 
-// As ATen refuses an in-place op on an inference tensor outside InferenceMode.
+// A tensor the op writes: not an inference tensor outside InferenceMode (as
+// ATen refuses an in-place op on one), and its memory holds its values (NOTE
+// [Grads behind a lazy bit] in fused_adadelta.cpp).
 void check_writable(const at::Tensor& tensor, const char* list_name, size_t index) {
   TORCH_CHECK(
       !tensor.is_inference() || c10::InferenceMode::is_enabled(), "fused_adadelta_: ",
@@ -71,6 +73,17 @@ void check_writable(const at::Tensor& tensor, const char* list_name, size_t inde
       "] is an inference tensor. Inplace update to inference tensor outside "
       "InferenceMode is not allowed. You can make a clone to get a normal tensor "
       "before doing inplace update.");
+  TORCH_CHECK(
+      !tensor.is_neg(), "fused_adadelta_: ", list_name, "[", index,
+      "] is written but has the negative bit set (a lazily negated view, as x.conj().imag "
+      "is): a tensor the op writes must hold its own values (resolve_neg() makes one)");
+  TORCH_CHECK(
+      !tensor.is_conj(), "fused_adadelta_: ", list_name, "[", index,
+      "] is written but has the conjugate bit set (a lazily conjugated view, as x.conj() "
+      "is): a tensor the op writes must hold its own values (resolve_conj() makes one)");
+  TORCH_CHECK(
+      !tensor._is_zerotensor(), "fused_adadelta_: ", list_name, "[", index,
+      "] is written but is a ZeroTensor (torch._efficientzerotensor), which has no memory");
 }
 
 void check_scalar_tensor(

@@ -100,7 +100,10 @@ struct CheckedCall {
 //   one-element float32/float64 steps;
 // - compensations (of the param's shape and dtype) or stochastic_round_seeds,
 //   not both, and only for float16/bfloat16 params;
-// - no inference tensor outside InferenceMode, as for ATen's in-place ops;
+// - no written tensor that is an inference tensor outside InferenceMode (as
+//   for ATen's in-place ops), has the negative or conjugate bit, or is a
+//   ZeroTensor (NOTE [Grads behind a lazy bit] in fused_adadelta.cpp: read-only
+//   grads reach the checks resolved);
 // - no written tensor (params, states, and grads when grad_scale unscales them)
 //   whose elements share memory, and no two tensors of different roles
 //   sharing memory (params may share memory with each other);

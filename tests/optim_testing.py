@@ -90,6 +90,18 @@ def op_lists(
     }
 
 
+def lazily_negated(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of `tensor`'s values whose memory holds them negated, read through the negative bit
+    (as `x.conj().imag` is)."""
+    return torch._neg_view(tensor.neg())
+
+
+def lazily_conjugated(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex tensor of `tensor`'s values whose memory holds their conjugates, read through the
+    conjugate bit (as `x.conj()` is)."""
+    return tensor.conj_physical().conj()
+
+
 def small_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """A model with 2-D weights, 1-D biases and a 4-D conv kernel."""
     torch.manual_seed(0)
@@ -162,7 +174,8 @@ def optimizer_snapshot(optimizer: torch.optim.Optimizer) -> dict:
 
 def assert_unchanged(tree, before, path: str = "") -> None:
     """Bit for bit: the same keys, lengths, dtypes, shapes and bytes as the snapshot `before`
-    (stricter than equality: -0.0 is not 0.0, and a NaN keeps its payload)."""
+    (stricter than equality: -0.0 is not 0.0, and a NaN keeps its payload). A tensor with the
+    negative or conjugate bit is compared by its values, as its snapshot (a clone) holds them."""
     if isinstance(before, dict):
         assert tree.keys() == before.keys(), f"{path}: entries were created or removed"
         for key in before:
@@ -176,6 +189,6 @@ def assert_unchanged(tree, before, path: str = "") -> None:
     else:
         assert (tree.dtype, tree.shape) == (before.dtype, before.shape), path
         assert torch.equal(
-            tree.detach().contiguous().view(-1).view(torch.uint8),
+            tree.detach().resolve_conj().resolve_neg().contiguous().view(-1).view(torch.uint8),
             before.contiguous().view(-1).view(torch.uint8),
         ), f"{path} changed"

@@ -12,7 +12,15 @@ import re
 
 import pytest
 import torch
-from optim_testing import DEVICES, OP_OPTIONS, assert_unchanged, op_lists, snapshot
+from optim_testing import (
+    DEVICES,
+    OP_OPTIONS,
+    assert_unchanged,
+    lazily_conjugated,
+    lazily_negated,
+    op_lists,
+    snapshot,
+)
 
 import adadelta_ext
 from adadelta_ext._ops import check_fused_adadelta
@@ -123,6 +131,81 @@ def compensations_and_seeds(lists, options):
     options["stochastic_round_seeds"] = [1, 2]
 
 
+# A written tensor behind a lazy bit (NOTE [Grads behind a lazy bit] in csrc/fused_adadelta.cpp):
+# writing through the negative or conjugate bit would store the values negated or conjugated, and
+# a ZeroTensor has no memory.
+
+
+def param_with_the_negative_bit(lists, options):
+    lists["params"][1] = lazily_negated(lists["params"][1])
+
+
+def step_with_the_negative_bit(lists, options):
+    lists["state_steps"][1] = lazily_negated(lists["state_steps"][1])
+
+
+def square_avg_with_the_conjugate_bit(lists, options):
+    for name in lists:
+        lists[name] = [t.to(torch.complex64) if name != "state_steps" else t for t in lists[name]]
+    lists["square_avgs"][1] = lazily_conjugated(lists["square_avgs"][1])
+
+
+def acc_delta_that_is_a_zero_tensor(lists, options):
+    acc_delta = lists["acc_deltas"][1]
+    lists["acc_deltas"][1] = torch._efficientzerotensor(acc_delta.shape, device=acc_delta.device)
+
+
+def compensation_with_the_negative_bit(lists, options):
+    bfloat16_params(lists)
+    options["compensations"] = [torch.zeros_like(p) for p in lists["params"]]
+    options["compensations"][1] = lazily_negated(options["compensations"][1])
+
+
+def grad_with_the_negative_bit_with_grad_scale(lists, options):
+    # Decided: unscaling a resolved copy would leave the caller's grad scaled.
+    lists["grads"][1] = lazily_negated(lists["grads"][1])
+    options["grad_scale"] = torch.tensor(2.0, device=lists["grads"][1].device)
+
+
+def zero_tensor_grad_with_grad_scale(lists, options):
+    # As torch, whose GradScaler.unscale_ refuses to write a ZeroTensor.
+    grad = lists["grads"][1]
+    lists["grads"][1] = torch._efficientzerotensor(grad.shape, device=grad.device)
+    options["grad_scale"] = torch.tensor(2.0, device=grad.device)
+
+
+LAZY_BIT_MISUSES = {
+    "param_with_the_negative_bit": (
+        param_with_the_negative_bit,
+        r"params\[1\] is written but has the negative bit set",
+    ),
+    "step_with_the_negative_bit": (
+        step_with_the_negative_bit,
+        r"state_steps\[1\] is written but has the negative bit set",
+    ),
+    "square_avg_with_the_conjugate_bit": (
+        square_avg_with_the_conjugate_bit,
+        r"square_avgs\[1\] is written but has the conjugate bit set",
+    ),
+    "acc_delta_that_is_a_zero_tensor": (
+        acc_delta_that_is_a_zero_tensor,
+        r"acc_deltas\[1\] is written but is a ZeroTensor",
+    ),
+    "compensation_with_the_negative_bit": (
+        compensation_with_the_negative_bit,
+        r"compensations\[1\] is written but has the negative bit set",
+    ),
+    "grad_with_the_negative_bit_with_grad_scale": (
+        grad_with_the_negative_bit_with_grad_scale,
+        r"grads\[1\] is written but has the negative bit set",
+    ),
+    "zero_tensor_grad_with_grad_scale": (
+        zero_tensor_grad_with_grad_scale,
+        r"grads\[1\] is written but is a ZeroTensor",
+    ),
+}
+
+
 def bfloat16_params(lists):
     for name in ("params", "grads"):
         lists[name] = [t.bfloat16() for t in lists[name]]
@@ -198,6 +281,7 @@ OP_MISUSES = {
         state_requiring_grad_in_grad_mode,
         r"acc_deltas\[1\] requires grad and grad mode is on",
     ),
+    **LAZY_BIT_MISUSES,
 }
 
 
@@ -212,6 +296,21 @@ def test_op_called_with_mismatched_lists_raises_runtime_error_and_changes_nothin
     with pytest.raises(RuntimeError, match=message):
         adadelta_ext.fused_adadelta_(*lists.values(), **options)
 
+    assert_unchanged(lists, before)
+
+
+@pytest.mark.parametrize("misuse", list(LAZY_BIT_MISUSES), ids=list(LAZY_BIT_MISUSES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_check_op_refuses_a_written_tensor_behind_a_lazy_bit_as_the_op_does(device, misuse):
+    """check_fused_adadelta writes nothing, so torch's fallbacks at the lazy bits' keys would hand
+    it such tensors resolved, and it would pass what the op refuses: FusedAdadelta, which checks
+    every call first, would then have written an earlier call's params before a later one raised."""
+    spoil, message = LAZY_BIT_MISUSES[misuse]
+    lists, options = op_lists(TWO_ENTRIES, device=device), dict(OP_OPTIONS)
+    spoil(lists, options)
+    before = snapshot(lists)
+    with pytest.raises(RuntimeError, match=message):
+        check_fused_adadelta(*lists.values(), **options)
     assert_unchanged(lists, before)
 
 

@@ -1,6 +1,8 @@
 """What torch.optim.Adadelta steps with, and FusedAdadelta's op once refused: FusedAdadelta steps it
 as torch does.
 
+- grads behind a lazy bit: the negative bit (`x.conj().imag`), or a ZeroTensor
+  (`torch._efficientzerotensor`), read as their values, in a later param group too;
 - hyperparameters outside the ranges torch.optim.Adadelta's __init__ checks, set afterwards
   through param_groups or an LRScheduler (torch checks them in __init__ only);
 
@@ -14,7 +16,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_testing import DEVICES, TORCH_TOLERANCES, small_model, train_steps, twin_models
+from optim_testing import (
+    DEVICES,
+    TORCH_TOLERANCES,
+    assert_unchanged,
+    lazily_negated,
+    optimizer_snapshot,
+    small_model,
+    train_steps,
+    twin_models,
+)
+from torch import nn
 
 from adadelta_ext import FusedAdadelta
 
@@ -37,6 +49,60 @@ def twin_optimizers(device, configure, **kwargs):
     ours = FusedAdadelta(ours_model.parameters(), **kwargs)
     theirs = torch.optim.Adadelta(theirs_model.parameters(), **kwargs)
     return (ours_model, configure(ours)), (theirs_model, configure(theirs))
+
+
+def random_tensor(shape, device, dtype=torch.float32, seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Grads behind a lazy bit.
+# --------------------------------------------------------------------------------------------
+
+LAZY_GRADS = {
+    "negative_bit": (torch.float32, lazily_negated),
+    "negative_bit_complex": (torch.complex64, lazily_negated),
+    "zero_tensor": (torch.float32, lambda g: torch._efficientzerotensor(g.shape, device=g.device)),
+}
+
+
+@pytest.mark.parametrize("lazy", list(LAZY_GRADS), ids=list(LAZY_GRADS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_grad_behind_a_lazy_bit_in_a_second_group_steps_both_groups_as_torch(device, lazy):
+    """The second group's grad selected torch's fallbacks, which refused it after the first group's
+    call had stepped: both groups now step, each as torch's."""
+    dtype, make_lazy = LAZY_GRADS[lazy]
+    optimizers = []
+    for optimizer_class in (FusedAdadelta, torch.optim.Adadelta):
+        first, second = (
+            nn.Parameter(random_tensor((4, 3), device)),
+            nn.Parameter(random_tensor(5, device, dtype)),
+        )
+        groups = [{"params": [first]}, {"params": [second], "lr": 0.5}]
+        optimizers.append(optimizer_class(groups, weight_decay=0.1))
+        for seed in range(3):
+            first.grad = random_tensor(first.shape, device, seed=seed)
+            second.grad = make_lazy(random_tensor(second.shape, device, dtype, seed=seed + 10))
+            optimizers[-1].step()
+    assert_same_step(*optimizers, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_param_behind_a_lazy_bit_in_a_second_group_refuses_the_whole_step(device):
+    """The second group has a grad behind the negative bit, which it may, and a param behind it,
+    which it may not: the check op refuses the param (torch's fallback had handed it the param
+    resolved, and the first group's call stepped before the second's raised), so nothing changes."""
+    first, lazy_grad = nn.Parameter(random_tensor(4, device)), nn.Parameter(random_tensor(5, device))
+    first.grad = random_tensor(4, device, seed=1)
+    lazy_grad.grad = lazily_negated(random_tensor(5, device, seed=2))
+    lazy_param = nn.Parameter(lazily_negated(random_tensor(3, device, seed=3)))
+    lazy_param.grad = random_tensor(3, device, seed=4)
+    optimizer = FusedAdadelta([{"params": [first]}, {"params": [lazy_grad, lazy_param]}])
+    before = optimizer_snapshot(optimizer)
+    with pytest.raises(RuntimeError, match=r"params\[1\] is written but has the negative bit set"):
+        optimizer.step()
+    assert_unchanged(optimizer_snapshot(optimizer), before)
 
 
 # --------------------------------------------------------------------------------------------
