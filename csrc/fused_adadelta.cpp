@@ -20,6 +20,13 @@ namespace {
 // the checks alone.
 void check_only(const FusedAdadeltaTensors& /*tensors*/, const FusedAdadeltaOptions& /*options*/) {}
 
+} // namespace
+
+template <>
+constexpr bool kChecksOnly<&check_only> = true;
+
+namespace {
+
 // Sparse grads select the op's sparse dispatch keys: refuse them there, after
 // the checks every dense backend runs (and with their messages).
 void refuse_sparse(const FusedAdadeltaTensors& /*tensors*/, const FusedAdadeltaOptions& /*options*/) {

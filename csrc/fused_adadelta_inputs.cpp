@@ -211,28 +211,44 @@ void check_no_internal_overlap(const at::Tensor& tensor, Role role, size_t index
       "operation.");
 }
 
-// Returns whether params share memory with each other; raises if any other
-// two tensors that must not share memory do. `ranges` is sorted by begin.
-bool check_sorted_ranges(const std::vector<MemoryRange>& ranges, bool grads_are_written) {
+// What the shared-memory check found that the call must act on (see CheckedCall).
+struct SharedMemory {
   bool params_overlap = false;
+  std::vector<uint32_t> copied_grads;
+};
+
+// Raises if two tensors that must not share memory do. `ranges` is sorted by begin.
+SharedMemory check_sorted_ranges(const std::vector<MemoryRange>& ranges, bool grads_are_written) {
+  SharedMemory found;
   for (size_t a = 0; a < ranges.size(); ++a) {
     for (size_t b = a + 1; b < ranges.size() && ranges[b].begin < ranges[a].end; ++b) {
       const Role first = ranges[a].role;
       const Role second = ranges[b].role;
       if (first == Role::kParam && second == Role::kParam) {
-        params_overlap = true;
+        found.params_overlap = true;
         continue;
       }
       // Read-only grads may alias each other; steps are counters two params may share.
       const bool shareable = first == second &&
           (first == Role::kStep || (first == Role::kGrad && !grads_are_written));
+      if (shareable) {
+        continue;
+      }
+      // A read-only grad and a written tensor: see NOTE [Grads read through a copy].
+      if (!grads_are_written && (first == Role::kGrad || second == Role::kGrad)) {
+        found.copied_grads.push_back(first == Role::kGrad ? ranges[a].index : ranges[b].index);
+        continue;
+      }
       TORCH_CHECK(
-          shareable, "fused_adadelta_: ", role_name(first), "[", ranges[a].index, "] and ",
+          false, "fused_adadelta_: ", role_name(first), "[", ranges[a].index, "] and ",
           role_name(second), "[", ranges[b].index,
           "] share memory; each param's grad and state must be tensors of their own");
     }
   }
-  return params_overlap;
+  std::sort(found.copied_grads.begin(), found.copied_grads.end());
+  const auto duplicates = std::unique(found.copied_grads.begin(), found.copied_grads.end());
+  found.copied_grads.erase(duplicates, found.copied_grads.end());
+  return found;
 }
 
 // The byte ranges of one call's tensors, role by role (in Role's order), each
@@ -244,23 +260,24 @@ using RangesByRole = std::array<std::vector<MemoryRange>, kRoles>;
 // after step: params and state never move, and grads mostly come back where
 // they were. Sorting thousands of ranges every step was most of the op's host
 // cost for small params, so each thread remembers the ranges and outcome of
-// its last few passing calls, and an identical call repeats the outcome. Any
-// difference (a grad elsewhere, another tensor) checks anew.
+// its last few passing calls (whether params overlap, which grads are read
+// through copies: both follow from the ranges alone), and an identical call
+// repeats the outcome. Any difference (a grad elsewhere, another tensor)
+// checks anew.
 struct PassedCheck {
   RangesByRole ranges;
   bool grads_are_written;
-  bool params_overlap;
+  SharedMemory found;
 };
 constexpr size_t kPassedChecksKept = 4;  // several param groups or devices per step
 
-// Returns whether params share memory with each other; raises if any other
-// two tensors that must not share memory do.
-bool check_shared_memory(const RangesByRole& ranges, bool grads_are_written) {
+// Raises if two tensors that must not share memory do.
+SharedMemory check_shared_memory(const RangesByRole& ranges, bool grads_are_written) {
   thread_local std::array<PassedCheck, kPassedChecksKept> passed;
   thread_local size_t next_replaced = 0;
   for (const PassedCheck& check : passed) {
     if (check.grads_are_written == grads_are_written && check.ranges == ranges) {
-      return check.params_overlap;
+      return check.found;
     }
   }
   // Each list is often allocated in order (or, as autograd makes grads, in
@@ -282,10 +299,10 @@ bool check_shared_memory(const RangesByRole& ranges, bool grads_are_written) {
     }
     std::inplace_merge(sorted.begin(), run, sorted.end(), by_begin);
   }
-  const bool params_overlap = check_sorted_ranges(sorted, grads_are_written);
-  passed[next_replaced] = {ranges, grads_are_written, params_overlap};
+  SharedMemory found = check_sorted_ranges(sorted, grads_are_written);
+  passed[next_replaced] = {ranges, grads_are_written, found};
   next_replaced = (next_replaced + 1) % kPassedChecksKept;
-  return params_overlap;
+  return found;
 }
 
 // Two dense tensors of one shape have their elements in the same order in
@@ -361,7 +378,7 @@ CheckedCall check_fused_adadelta_call(
       !compensations.has_value() || !seeds.has_value(),
       "fused_adadelta_: compensations (Kahan summation) and stochastic_round_seeds "
       "(stochastic rounding) exclude each other");
-  CheckedCall call{false, false, {}};
+  CheckedCall call{false, false, {}, {}};
   if (params.empty()) {
     return call;
   }
@@ -475,7 +492,11 @@ CheckedCall check_fused_adadelta_call(
     record_of(i).compensation = data_of(compensation, true, Role::kCompensation, i);
   }
   check_options(params, device, options);
-  call.params_overlap = has_addresses && check_shared_memory(ranges, grads_are_written);
+  if (has_addresses) {
+    SharedMemory found = check_shared_memory(ranges, grads_are_written);
+    call.params_overlap = found.params_overlap;
+    call.copied_grads = std::move(found.copied_grads);
+  }
   if (!all_flat || call.any_complex) {
     flat.clear();
   }
@@ -495,6 +516,22 @@ RealTensors::RealTensors(const FusedAdadeltaTensors& tensors_in, bool any_comple
     }
     *lists[list] = views_[list];
   }
+}
+
+GradCopies::GradCopies(const FusedAdadeltaTensors& tensors_in, CheckedCall& call)
+    : tensors(tensors_in) {
+  if (call.copied_grads.empty()) {
+    return;
+  }
+  grads_ = tensors.grads.vec();
+  for (const uint32_t i : call.copied_grads) {
+    // A dense grad keeps its strides, so that a param's flat record still fits.
+    grads_[i] = grads_[i].clone(at::MemoryFormat::Preserve);
+    if (!call.flat_params.empty()) {
+      call.flat_params[i].grad = grads_[i].mutable_data_ptr();
+    }
+  }
+  tensors.grads = grads_;
 }
 
 FusedAdadeltaTensors FusedAdadeltaTensors::entry(size_t i) const {

@@ -88,6 +88,9 @@ struct CheckedCall {
   // real and flat (its tensors dense and laid out alike, see FlatTensorLists):
   // the common case. Else empty.
   std::vector<FlatParam> flat_params;
+  // The indices of read-only grads that share memory with a tensor the op
+  // writes, ascending (NOTE [Grads read through a copy]).
+  std::vector<uint32_t> copied_grads;
 };
 
 // Raises (RuntimeError, naming the list and index and the problem) unless one
@@ -106,7 +109,9 @@ struct CheckedCall {
 //   grads reach the checks resolved);
 // - no written tensor (params, states, and grads when grad_scale unscales them)
 //   whose elements share memory, and no two tensors of different roles
-//   sharing memory (params may share memory with each other);
+//   sharing memory, but for params, which may share memory with each other,
+//   and read-only grads, which may share memory with anything (listed in
+//   CheckedCall::copied_grads where it is written);
 // - a float lr, eps and weight_decay representable in the params' compute
 //   type. Their ranges (and rho's) are not checked: torch.optim.Adadelta
 //   steps with a negative lr, say, set after __init__, and so does the op.
@@ -117,6 +122,29 @@ CheckedCall check_fused_adadelta_call(
     const FusedAdadeltaTensors& tensors,
     const FusedAdadeltaOptions& options,
     bool record_flat_params);
+
+// NOTE [Grads read through a copy]
+// Without grad_scale grads are only read, and torch.optim.Adadelta steps with a
+// grad that shares memory with a tensor the step writes (p.grad = p.detach(),
+// a grad that is a view of another param): its foreach path reads every grad
+// before it writes any param (so does its for-loop, for a grad that is its own
+// param). The op does the same: each such grad (CheckedCall::copied_grads) is
+// read through a copy taken before anything is written, every other grad in
+// place, where no write reaches it. With grad_scale grads are written, and
+// such sharing is refused.
+class GradCopies {
+ public:
+  // Points call.flat_params at the copies too, where it has records.
+  GradCopies(const FusedAdadeltaTensors& tensors, CheckedCall& call);
+  GradCopies(const GradCopies&) = delete;
+  GradCopies& operator=(const GradCopies&) = delete;
+
+  // The caller's tensors, with the copies in grads.
+  FusedAdadeltaTensors tensors;
+
+ private:
+  std::vector<at::Tensor> grads_;
+};
 
 // The tensors with each complex one viewed as a real one with a trailing
 // dimension of 2 (torch.view_as_real), as torch.optim updates complex params.

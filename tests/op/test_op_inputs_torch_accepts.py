@@ -5,7 +5,10 @@ once refused: it steps as torch does.
   refuses it for complex params, with view_as_real's error, the op reads its values), or a
   ZeroTensor (`torch._efficientzerotensor`), read as their values, from the check op too;
 - options outside the ranges torch.optim.Adadelta's __init__ checks, which torch steps with when
-  a param_groups edit or an LRScheduler sets them (a negative lr).
+  a param_groups edit or an LRScheduler sets them (a negative lr);
+- a grad that shares memory with a tensor the op writes (`p.grad = p.detach()`, a grad that is a
+  view of another param), without grad_scale: read as it was before the step, as torch's foreach
+  path reads every grad before it writes any param.
 
 (tests/optimizer/test_inputs_torch_accepts.py makes the same comparisons through FusedAdadelta.)
 """
@@ -106,3 +109,74 @@ def test_options_outside_torchs_init_ranges_step_as_torch_steps(device, options)
     adadelta_ext.fused_adadelta_(*ours.values(), **options)
     torch_adadelta(*theirs.values(), foreach=device == "cuda", **options)
     torch.testing.assert_close(ours, theirs, equal_nan=True, **TORCH_TOLERANCES[device])
+
+
+# --------------------------------------------------------------------------------------------
+# Grads sharing memory with a written tensor (NOTE [Grads read through a copy]).
+# --------------------------------------------------------------------------------------------
+
+
+def grad_is_its_own_param(lists):
+    lists["grads"][0] = lists["params"][0]
+
+
+def grad_is_a_row_of_another_param(lists):
+    # Contiguous: on the CPU the kernel runs from flat records, which must point at the copy.
+    lists["grads"][1] = lists["params"][0][1]
+
+
+def grad_is_a_column_of_another_param(lists):
+    # Strided: the kernel reads it through a contiguous copy of the copy (FlatTensorLists).
+    lists["grads"][1] = lists["params"][0][:, 1]
+
+
+def grad_is_its_own_square_avg(lists):
+    lists["grads"][0] = lists["square_avgs"][0]
+
+
+def grad_is_a_step(lists):
+    # The step is incremented before the kernel runs; a 0-d param's grad of one element.
+    lists["grads"][2] = lists["state_steps"][0]
+
+
+SHARED_GRADS = {
+    "its_own_param": grad_is_its_own_param,
+    "a_row_of_another_param": grad_is_a_row_of_another_param,
+    "a_column_of_another_param": grad_is_a_column_of_another_param,
+    "its_own_square_avg": grad_is_its_own_square_avg,
+    "a_step": grad_is_a_step,
+}
+
+
+def lists_with_a_shared_grad(device, dtype, share):
+    """(lists, the same values in tensors of their own): params of shapes (4, 4), (4,) and ()."""
+    step_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    shared = op_lists([(4, 4), (4,), ()], dtype, device=device, step_dtype=step_dtype, step=2.0)
+    share(shared)
+    return shared, snapshot(shared)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("share", list(SHARED_GRADS), ids=list(SHARED_GRADS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_grad_sharing_memory_with_a_written_tensor_is_read_as_it_was_before_the_step(device, share, dtype):
+    """Bit for bit what the same values give in tensors of their own. (It was refused: "params[0]
+    and grads[1] share memory".) A bfloat16 param's grad can be float32, as its step is."""
+    shared, separate = lists_with_a_shared_grad(device, dtype, SHARED_GRADS[share])
+    adadelta_ext.fused_adadelta_(*shared.values(), **OP_OPTIONS)
+    adadelta_ext.fused_adadelta_(*separate.values(), **OP_OPTIONS)
+    del shared["grads"], separate["grads"]
+    torch.testing.assert_close(shared, separate, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_remembered_call_reads_the_same_grads_through_copies(device):
+    """NOTE [Shared-memory checks, remembered]: the second, identical call repeats the first's
+    outcome without checking, and the grads it reads through copies are part of that outcome."""
+    shared, separate = lists_with_a_shared_grad(device, torch.float32, grad_is_a_row_of_another_param)
+    for _ in range(2):
+        separate["grads"][1].copy_(shared["grads"][1])
+        adadelta_ext.fused_adadelta_(*shared.values(), **OP_OPTIONS)
+        adadelta_ext.fused_adadelta_(*separate.values(), **OP_OPTIONS)
+    del shared["grads"], separate["grads"]
+    torch.testing.assert_close(shared, separate, rtol=0, atol=0)

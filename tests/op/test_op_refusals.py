@@ -75,6 +75,13 @@ def expanded_grad_with_grad_scale(lists, options):
     options["grad_scale"] = torch.tensor(2.0, device=lists["grads"][1].device)
 
 
+def grad_sharing_memory_with_its_param_with_grad_scale(lists, options):
+    # Without grad_scale a grad is read through a copy (NOTE [Grads read through a copy]); with one,
+    # the grad is written: unscaling it would write the param.
+    lists["grads"][1] = lists["params"][1]
+    options["grad_scale"] = torch.tensor(2.0, device=lists["grads"][1].device)
+
+
 def integer_step(lists, options):
     lists["state_steps"][1] = lists["state_steps"][1].long()
 
@@ -247,6 +254,10 @@ OP_MISUSES = {
     "expanded_grad_with_grad_scale": (
         expanded_grad_with_grad_scale,
         r"grads\[1\] is written but has elements that share memory",
+    ),
+    "grad_sharing_memory_with_its_param_with_grad_scale": (
+        grad_sharing_memory_with_its_param_with_grad_scale,
+        r"params\[1\] and grads\[1\] share memory",
     ),
     "integer_step": (integer_step, r"state_steps\[1\] must be a one-element float32 or float64 tensor"),
     "step_of_two_elements": (

@@ -5,6 +5,9 @@ as torch does.
   (`torch._efficientzerotensor`), read as their values, in a later param group too;
 - hyperparameters outside the ranges torch.optim.Adadelta's __init__ checks, set afterwards
   through param_groups or an LRScheduler (torch checks them in __init__ only);
+- a grad that shares memory with a param (`p.grad = p.detach()`, a grad that is a view of another
+  param): read as it was before the step, as torch's foreach path reads every grad before it
+  writes any param (and its for-loop, for a grad that is its own param);
 
 Tolerances (TORCH_TOLERANCES, as test_parity_with_torch.py's): bit for bit on CUDA, where the
 kernel makes torch's roundings; assert_close's defaults on the CPU, where torch's float32 sqrt is
@@ -149,3 +152,38 @@ def test_a_lambda_lr_going_negative_steps_as_torch(device):
             scheduler.step()
     assert ours.param_groups[0]["lr"] < 0
     assert_same_step(ours, theirs, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Grads sharing memory with a param.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for_loop"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_grad_that_is_its_own_param_steps_as_torch(device, foreach):
+    optimizers = []
+    for optimizer_class, kwargs in ((FusedAdadelta, {}), (torch.optim.Adadelta, {"foreach": foreach})):
+        tied, other = nn.Parameter(random_tensor((4, 3), device)), nn.Parameter(random_tensor(5, device))
+        optimizers.append(optimizer_class([tied, other], weight_decay=0.1, **kwargs))
+        for seed in range(3):
+            tied.grad = tied.detach()
+            other.grad = random_tensor(5, device, seed=seed + 10)
+            optimizers[-1].step()
+    assert_same_step(*optimizers, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_grad_that_is_a_view_of_another_param_steps_as_torchs_foreach_path(device):
+    """torch's foreach path reads the view before it writes the param under it; its for-loop would
+    read it after the earlier param's update, which FusedAdadelta, stepping every param at once, does
+    not follow."""
+    optimizers = []
+    for optimizer_class, kwargs in ((FusedAdadelta, {}), (torch.optim.Adadelta, {"foreach": True})):
+        viewed, viewing = nn.Parameter(random_tensor((4, 3), device)), nn.Parameter(random_tensor(3, device))
+        optimizers.append(optimizer_class([viewed, viewing], weight_decay=0.1, **kwargs))
+        for seed in range(3):
+            viewed.grad = random_tensor((4, 3), device, seed=seed + 10)
+            viewing.grad = viewed.detach()[1]
+            optimizers[-1].step()
+    assert_same_step(*optimizers, device)
