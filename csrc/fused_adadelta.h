@@ -34,8 +34,8 @@ constexpr bool kChecksOnly = false;
 // Checks every argument before Impl changes anything, then calls it, with
 // copies of the grads it must not read in place (NOTE [Grads read through a
 // copy]): once, or once per param, in order, when params overlap (views of one
-// tensor), so that each sees the updates before it, as torch.optim.Adadelta's
-// for-loop does.
+// tensor, or one param listed twice), so that each sees the updates before it,
+// as torch.optim.Adadelta's for-loop does.
 template <FusedAdadeltaImpl Impl>
 void checked_call(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
   CheckedCall call = check_fused_adadelta_call(tensors, options, kRunsFromFlatParams<Impl>);

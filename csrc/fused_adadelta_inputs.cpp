@@ -215,15 +215,58 @@ void check_no_internal_overlap(const at::Tensor& tensor, Role role, size_t index
 struct SharedMemory {
   bool params_overlap = false;
   std::vector<uint32_t> copied_grads;
+  bool entries_repeat = false;  // see NOTE [Repeated entries]
 };
 
+// One tensor: the same TensorImpl, or the same data, sizes, strides and dtype.
+bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_same(b) ||
+      (a.const_data_ptr() == b.const_data_ptr() && a.scalar_type() == b.scalar_type() &&
+       a.sizes() == b.sizes() && a.strides() == b.strides());
+}
+
+// NOTE [Repeated entries]
+// A param listed twice in a group (tied weights gathered from two modules'
+// parameters()) comes with its grad and state twice: torch.optim.Adadelta
+// warns, and its for-loop updates the param twice in the step, the second
+// time from the first's results (the step counter goes up by two). Entries
+// i < j that are one param with one grad and state (same_tensor in every
+// list) are stepped so, one after the other, as params that overlap are;
+// entries that share some of those tensors and not all are refused. With
+// grad_scale the grad would be unscaled twice: refused too.
+bool entries_repeat(const FusedAdadeltaTensors& tensors, size_t i, size_t j) {
+  for (const at::TensorList list :
+       {tensors.params, tensors.grads, tensors.square_avgs, tensors.acc_deltas, tensors.state_steps}) {
+    if (!same_tensor(list[i], list[j])) {
+      return false;
+    }
+  }
+  return !tensors.compensations.has_value() ||
+      same_tensor((*tensors.compensations)[i], (*tensors.compensations)[j]);
+}
+
 // Raises if two tensors that must not share memory do. `ranges` is sorted by begin.
-SharedMemory check_sorted_ranges(const std::vector<MemoryRange>& ranges, bool grads_are_written) {
+SharedMemory check_sorted_ranges(
+    const std::vector<MemoryRange>& ranges,
+    const FusedAdadeltaTensors& tensors,
+    bool grads_are_written) {
   SharedMemory found;
   for (size_t a = 0; a < ranges.size(); ++a) {
     for (size_t b = a + 1; b < ranges.size() && ranges[b].begin < ranges[a].end; ++b) {
       const Role first = ranges[a].role;
       const Role second = ranges[b].role;
+      const size_t i = std::min(ranges[a].index, ranges[b].index);
+      const size_t j = std::max(ranges[a].index, ranges[b].index);
+      if (first == second && ranges[a].begin == ranges[b].begin && ranges[a].end == ranges[b].end &&
+          entries_repeat(tensors, i, j)) {
+        TORCH_CHECK(
+            !grads_are_written, "fused_adadelta_: params[", i, "] and params[", j,
+            "] are one param with one grad and state (a param listed twice): grad_scale "
+            "would unscale its grad twice");
+        found.params_overlap = true;
+        found.entries_repeat = true;
+        continue;
+      }
       if (first == Role::kParam && second == Role::kParam) {
         found.params_overlap = true;
         continue;
@@ -263,7 +306,9 @@ using RangesByRole = std::array<std::vector<MemoryRange>, kRoles>;
 // its last few passing calls (whether params overlap, which grads are read
 // through copies: both follow from the ranges alone), and an identical call
 // repeats the outcome. Any difference (a grad elsewhere, another tensor)
-// checks anew.
+// checks anew. A call with repeated entries (NOTE [Repeated entries]) is not
+// remembered: whether entries repeat follows from more than their ranges (a
+// square param and its transpose have one range).
 struct PassedCheck {
   RangesByRole ranges;
   bool grads_are_written;
@@ -272,7 +317,10 @@ struct PassedCheck {
 constexpr size_t kPassedChecksKept = 4;  // several param groups or devices per step
 
 // Raises if two tensors that must not share memory do.
-SharedMemory check_shared_memory(const RangesByRole& ranges, bool grads_are_written) {
+SharedMemory check_shared_memory(
+    const RangesByRole& ranges,
+    const FusedAdadeltaTensors& tensors,
+    bool grads_are_written) {
   thread_local std::array<PassedCheck, kPassedChecksKept> passed;
   thread_local size_t next_replaced = 0;
   for (const PassedCheck& check : passed) {
@@ -299,9 +347,11 @@ SharedMemory check_shared_memory(const RangesByRole& ranges, bool grads_are_writ
     }
     std::inplace_merge(sorted.begin(), run, sorted.end(), by_begin);
   }
-  SharedMemory found = check_sorted_ranges(sorted, grads_are_written);
-  passed[next_replaced] = {ranges, grads_are_written, found};
-  next_replaced = (next_replaced + 1) % kPassedChecksKept;
+  SharedMemory found = check_sorted_ranges(sorted, tensors, grads_are_written);
+  if (!found.entries_repeat) {
+    passed[next_replaced] = {ranges, grads_are_written, found};
+    next_replaced = (next_replaced + 1) % kPassedChecksKept;
+  }
   return found;
 }
 
@@ -493,7 +543,7 @@ CheckedCall check_fused_adadelta_call(
   }
   check_options(params, device, options);
   if (has_addresses) {
-    SharedMemory found = check_shared_memory(ranges, grads_are_written);
+    SharedMemory found = check_shared_memory(ranges, tensors, grads_are_written);
     call.params_overlap = found.params_overlap;
     call.copied_grads = std::move(found.copied_grads);
   }

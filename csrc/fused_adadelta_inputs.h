@@ -79,7 +79,8 @@ struct FusedAdadeltaTensors {
 
 // What check_fused_adadelta_call learned that the call must act on.
 struct CheckedCall {
-  // Some params share memory (views of one tensor): update them one at a time.
+  // Some params share memory (views of one tensor, or one param listed twice):
+  // update them one at a time.
   bool params_overlap;
   // Some params are complex (see RealTensors).
   bool any_complex;
@@ -111,7 +112,9 @@ struct CheckedCall {
 //   whose elements share memory, and no two tensors of different roles
 //   sharing memory, but for params, which may share memory with each other,
 //   and read-only grads, which may share memory with anything (listed in
-//   CheckedCall::copied_grads where it is written);
+//   CheckedCall::copied_grads where it is written), and entries that repeat
+//   one another whole (a param listed twice, with its grad and state; not
+//   with grad_scale), stepped one after the other (params_overlap);
 // - a float lr, eps and weight_decay representable in the params' compute
 //   type. Their ranges (and rho's) are not checked: torch.optim.Adadelta
 //   steps with a negative lr, say, set after __init__, and so does the op.

@@ -8,7 +8,9 @@ once refused: it steps as torch does.
   a param_groups edit or an LRScheduler sets them (a negative lr);
 - a grad that shares memory with a tensor the op writes (`p.grad = p.detach()`, a grad that is a
   view of another param), without grad_scale: read as it was before the step, as torch's foreach
-  path reads every grad before it writes any param.
+  path reads every grad before it writes any param;
+- an entry repeated whole (a param listed twice in a group, with its grad and state): stepped twice,
+  in list order, as torch's for-loop steps it.
 
 (tests/optimizer/test_inputs_torch_accepts.py makes the same comparisons through FusedAdadelta.)
 """
@@ -180,3 +182,59 @@ def test_a_remembered_call_reads_the_same_grads_through_copies(device):
         adadelta_ext.fused_adadelta_(*separate.values(), **OP_OPTIONS)
     del shared["grads"], separate["grads"]
     torch.testing.assert_close(shared, separate, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Entries repeated whole (NOTE [Repeated entries]).
+# --------------------------------------------------------------------------------------------
+
+# How the repeat holds entry 0's tensors: the same tensors, or other tensors equal to them (other
+# TensorImpls with the same data, sizes, strides and dtype).
+REPEATS = {"the_same_tensors": lambda t: t, "equal_views": lambda t: t.view(t.shape)}
+ROUNDINGS = ["nearest", "kahan_sum", "stochastic_round"]
+
+
+def rounding_options(rounding: str, params: list[torch.Tensor]) -> dict:
+    """The op's options with compensations or seeds (bfloat16 params) for `rounding`."""
+    if rounding == "kahan_sum":
+        return dict(OP_OPTIONS, compensations=[torch.full_like(p, 2e-3) for p in params])
+    if rounding == "stochastic_round":
+        return dict(OP_OPTIONS, stochastic_round_seeds=[7 + i for i in range(len(params))])
+    return dict(OP_OPTIONS)
+
+
+def entry(lists: dict, options: dict, i: int) -> tuple[dict, dict]:
+    """Entry i alone, as a call of its own takes it."""
+    per_param = ("compensations", "stochastic_round_seeds")
+    return {name: [tensors[i]] for name, tensors in lists.items()}, {
+        name: [value[i]] if name in per_param else value for name, value in options.items()
+    }
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("repeat", list(REPEATS), ids=list(REPEATS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_entry_repeated_whole_is_stepped_twice_in_list_order(device, repeat, rounding):
+    """Entries [0, 1, 0] step as three calls, on entry 0, 1, then 0 again, bit for bit: the step
+    counter goes up by two, the second update starts from the first's results. (It was refused:
+    "acc_deltas[0] and acc_deltas[2] share memory", say.)"""
+    dtype = torch.float32 if rounding == "nearest" else torch.bfloat16
+    lists = op_lists([(3, 2), (4,)], dtype, device=device, step=3.0)
+    separate = snapshot(lists)
+    options, separate_options = (rounding_options(rounding, t["params"]) for t in (lists, separate))
+    for name, tensors in [*lists.items(), *options.items()]:
+        if isinstance(tensors, list):
+            tensors.append(REPEATS[repeat](tensors[0]) if name != "stochastic_round_seeds" else tensors[0])
+
+    adadelta_ext.fused_adadelta_(*lists.values(), **options)
+    for i in (0, 1, 0):
+        one, one_options = entry(separate, separate_options, i)
+        adadelta_ext.fused_adadelta_(*one.values(), **one_options)
+
+    assert lists["state_steps"][0].item() == 5.0
+    expected = {name: [*tensors, tensors[0]] for name, tensors in separate.items()}
+    torch.testing.assert_close(lists, expected, rtol=0, atol=0)
+    if rounding == "kahan_sum":
+        torch.testing.assert_close(
+            options["compensations"][0], separate_options["compensations"][0], rtol=0, atol=0
+        )

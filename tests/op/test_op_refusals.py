@@ -82,6 +82,33 @@ def grad_sharing_memory_with_its_param_with_grad_scale(lists, options):
     options["grad_scale"] = torch.tensor(2.0, device=lists["grads"][1].device)
 
 
+# NOTE [Repeated entries]: an entry may repeat another whole, and be stepped twice, but not in part.
+
+
+def param_listed_twice_with_grad_scale(lists, options):
+    # Its grad would be unscaled twice.
+    for tensors in lists.values():
+        tensors[1] = tensors[0]
+    options["grad_scale"] = torch.tensor(2.0, device=lists["grads"][1].device)
+
+
+def param_listed_twice_with_an_acc_delta_of_its_own(lists, options):
+    for name, tensors in lists.items():
+        if name != "acc_deltas":
+            tensors[1] = tensors[0]
+
+
+def square_entry_and_its_transpose(lists, options):
+    # One range for each tensor and its transpose: the entries share memory, but are not one.
+    for name, tensors in lists.items():
+        square = tensors[0].new_ones(3, 3)
+        tensors[0], tensors[1] = (square, square.t()) if name != "state_steps" else (tensors[0],) * 2
+
+
+# Either state of entries 0 and 1, named in the order of their addresses.
+SQUARE_STATE_SHARED = r"(square_avgs|acc_deltas)\[[01]\] and \1\[[01]\] share memory"
+
+
 def integer_step(lists, options):
     lists["state_steps"][1] = lists["state_steps"][1].long()
 
@@ -259,6 +286,19 @@ OP_MISUSES = {
         grad_sharing_memory_with_its_param_with_grad_scale,
         r"params\[1\] and grads\[1\] share memory",
     ),
+    "param_listed_twice_with_grad_scale": (
+        param_listed_twice_with_grad_scale,
+        r"params\[0\] and params\[1\] are one param with one grad and state \(a param listed twice\): "
+        "grad_scale would unscale its grad twice",
+    ),
+    "param_listed_twice_with_an_acc_delta_of_its_own": (
+        param_listed_twice_with_an_acc_delta_of_its_own,
+        r"square_avgs\[[01]\] and square_avgs\[[01]\] share memory",
+    ),
+    "square_entry_and_its_transpose": (
+        square_entry_and_its_transpose,
+        SQUARE_STATE_SHARED,
+    ),
     "integer_step": (integer_step, r"state_steps\[1\] must be a one-element float32 or float64 tensor"),
     "step_of_two_elements": (
         step_of_two_elements,
@@ -334,6 +374,23 @@ def test_a_call_that_passed_is_checked_again_once_a_tensor_moves():
     lists["acc_deltas"][1].set_(lists["square_avgs"][0])
     before = snapshot(lists)
     with pytest.raises(RuntimeError, match=r"square_avgs\[0\] and acc_deltas\[1\] share memory"):
+        adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
+    assert_unchanged(lists, before)
+
+
+def test_a_call_with_repeated_entries_is_not_remembered():
+    """Whether entries repeat follows from more than their ranges (NOTE [Shared-memory checks,
+    remembered]): entry 1 repeating entry 0 passes; the same with entry 1 transposed has the same
+    ranges, and is refused."""
+    lists = op_lists([(3, 3), (3, 3)])
+    for tensors in lists.values():
+        tensors[1] = tensors[0]
+    adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
+    for name, tensors in lists.items():
+        if name != "state_steps":
+            tensors[1] = tensors[0].t()
+    before = snapshot(lists)
+    with pytest.raises(RuntimeError, match=SQUARE_STATE_SHARED):
         adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
     assert_unchanged(lists, before)
 

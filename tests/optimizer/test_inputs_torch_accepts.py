@@ -3,6 +3,8 @@ as torch does.
 
 - grads behind a lazy bit: the negative bit (`x.conj().imag`), or a ZeroTensor
   (`torch._efficientzerotensor`), read as their values, in a later param group too;
+- a param listed twice in a group (tied weights gathered from two modules' parameters()): torch
+  warns, and its for-loop updates the param twice in the step (its foreach path does otherwise);
 - hyperparameters outside the ranges torch.optim.Adadelta's __init__ checks, set afterwards
   through param_groups or an LRScheduler (torch checks them in __init__ only);
 - a grad that shares memory with a param (`p.grad = p.detach()`, a grad that is a view of another
@@ -106,6 +108,27 @@ def test_a_param_behind_a_lazy_bit_in_a_second_group_refuses_the_whole_step(devi
     with pytest.raises(RuntimeError, match=r"params\[1\] is written but has the negative bit set"):
         optimizer.step()
     assert_unchanged(optimizer_snapshot(optimizer), before)
+
+
+# --------------------------------------------------------------------------------------------
+# A param listed twice.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_param_listed_twice_steps_twice_as_torchs_for_loop(device):
+    optimizers = []
+    for optimizer_class, kwargs in ((FusedAdadelta, {}), (torch.optim.Adadelta, {"foreach": False})):
+        tied, other = nn.Parameter(random_tensor((4, 3), device)), nn.Parameter(random_tensor(5, device))
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            optimizers.append(optimizer_class([tied, other, tied], weight_decay=0.1, **kwargs))
+        for seed in range(3):
+            tied.grad = random_tensor(tied.shape, device, seed=seed + 10)
+            other.grad = random_tensor(other.shape, device, seed=seed + 20)
+            optimizers[-1].step()
+    for optimizer in optimizers:  # each of 3 steps stepped the tied param twice
+        assert optimizer.state[optimizer.param_groups[0]["params"][0]]["step"].item() == 6
+    assert_same_step(*optimizers, device)
 
 
 # --------------------------------------------------------------------------------------------
