@@ -19,6 +19,13 @@ namespace {
 // the checks alone.
 void check_only(const FusedAdadeltaTensors& /*tensors*/, const FusedAdadeltaOptions& /*options*/) {}
 
+} // namespace
+
+template <>
+constexpr bool kChecksOnly<&check_only> = true;
+
+namespace {
+
 // Sparse grads select the op's sparse dispatch keys: refuse them there, after
 // the checks every dense backend runs (and with their messages).
 void refuse_sparse(const FusedAdadeltaTensors& /*tensors*/, const FusedAdadeltaOptions& /*options*/) {
@@ -146,6 +153,75 @@ void impl_bump_versions(torch::Library& m) {
                 kAutograd, const at::Tensor&, bool, CompensationsArgument, SeedsArgument>)));
 }
 
+// NOTE [Grads behind a lazy bit]
+// torch.optim.Adadelta reads a grad for its values, whatever holds them: a view
+// with the negative bit (x.conj().imag) or the conjugate bit (x.conj()), or a
+// ZeroTensor (torch._efficientzerotensor: zeros, and no memory). Such a tensor
+// selects the ZeroTensor, Negative or Conjugate key, in that order below
+// ADInplaceOrView (whose kernel has bumped the versions by then), where torch's
+// fallbacks refuse it in a mutable list, as grads is (for grad_scale). The
+// kernel below, at all three keys, replaces each read-only grad that has one
+// with a tensor of its values, and calls on below all three. A written tensor
+// is left as it is, for the checks to refuse (check_writable): writing through
+// the bit would store the values negated or conjugated, and a ZeroTensor has no
+// memory to write. So are grads under grad_scale, which unscales them in place:
+// unscaling a copy would leave the caller's grad scaled. The check op takes the
+// same kernel, so that it refuses what the op refuses, before any call writes.
+constexpr c10::DispatchKeySet kBelowLazyBits(
+    c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::Conjugate);
+
+template <bool kCheckOp, typename Lr, typename... Tail>
+void resolve_read_only_grads(
+    c10::DispatchKeySet keys,
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList square_avgs,
+    at::TensorList acc_deltas,
+    at::TensorList state_steps,
+    Lr lr,
+    double rho,
+    double eps,
+    double weight_decay,
+    bool maximize,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf,
+    Tail... tail) {
+  std::vector<at::Tensor> resolved;
+  for (size_t i = 0; !grad_scale.has_value() && i < grads.size(); ++i) {
+    const at::Tensor& grad = grads[i];
+    if (grad.defined() && (grad.is_neg() || grad.is_conj() || grad._is_zerotensor())) {
+      if (resolved.empty()) {
+        resolved = grads.vec();
+      }
+      resolved[i] = grad._is_zerotensor() ? at::zeros(grad.sizes(), grad.options())
+                                          : grad.resolve_conj().resolve_neg();
+    }
+  }
+  static const auto op = typed_overload<Lr, Tail...>(
+      kCheckOp ? "adadelta_ext::check_fused_adadelta" : "adadelta_ext::fused_adadelta_");
+  op.redispatch(
+      keys & kBelowLazyBits, params, resolved.empty() ? grads : at::TensorList(resolved),
+      square_avgs, acc_deltas, state_steps, lr, rho, eps, weight_decay, maximize, grad_scale,
+      found_inf, tail...);
+}
+
+// Both overloads' kernels of the op or the check op for one of the lazy bits' keys.
+template <bool kCheckOp>
+void impl_resolve_read_only_grads(torch::Library& m) {
+  m.impl(
+      kCheckOp ? "check_fused_adadelta" : "fused_adadelta_",
+      TORCH_FN((resolve_read_only_grads<kCheckOp, double, CompensationsArgument, SeedsArgument>)));
+  m.impl(
+      kCheckOp ? "check_fused_adadelta.tensor_lr" : "fused_adadelta_.tensor_lr",
+      TORCH_FN((resolve_read_only_grads<
+                kCheckOp, const at::Tensor&, bool, CompensationsArgument, SeedsArgument>)));
+}
+
+void impl_lazy_bit_kernels(torch::Library& m) {
+  impl_resolve_read_only_grads</*kCheckOp=*/false>(m);
+  impl_resolve_read_only_grads</*kCheckOp=*/true>(m);
+}
+
 } // namespace
 
 TORCH_LIBRARY(adadelta_ext, m) {
@@ -204,6 +280,19 @@ TORCH_LIBRARY_IMPL(adadelta_ext, Autograd, m) {
 // counters are not (e.g. below torch.compile's AOTAutograd).
 TORCH_LIBRARY_IMPL(adadelta_ext, ADInplaceOrView, m) {
   impl_bump_versions</*kAutograd=*/false>(m);
+}
+
+// See NOTE [Grads behind a lazy bit].
+TORCH_LIBRARY_IMPL(adadelta_ext, ZeroTensor, m) {
+  impl_lazy_bit_kernels(m);
+}
+
+TORCH_LIBRARY_IMPL(adadelta_ext, Negative, m) {
+  impl_lazy_bit_kernels(m);
+}
+
+TORCH_LIBRARY_IMPL(adadelta_ext, Conjugate, m) {
+  impl_lazy_bit_kernels(m);
 }
 
 TORCH_LIBRARY_IMPL(adadelta_ext, Meta, m) {

@@ -14,7 +14,8 @@ namespace adadelta_ext {
 
 // One backend's implementation. It is called with tensors that passed
 // check_fused_adadelta_call: non-empty lists, real (complex tensors already
-// viewed as pairs of reals), and with no param sharing memory with another.
+// viewed as pairs of reals), with no param sharing memory with another, and
+// no grad sharing memory with a tensor it writes (see GradCopies).
 using FusedAdadeltaImpl = void (*)(
     const FusedAdadeltaTensors& tensors,
     const FusedAdadeltaOptions& options);
@@ -25,16 +26,24 @@ using FusedAdadeltaImpl = void (*)(
 template <FusedAdadeltaImpl Impl>
 constexpr bool kRunsFromFlatParams = false;
 
-// Checks every argument before Impl changes anything, then calls it: once, or
-// once per param, in order, when params overlap (views of one tensor), so
-// that each sees the updates before it, as torch.optim.Adadelta's for-loop does.
+// Whether Impl is the checks alone (the meta kernel, the check op), for which
+// checked_call neither copies nor views a tensor after the checks.
+template <FusedAdadeltaImpl Impl>
+constexpr bool kChecksOnly = false;
+
+// Checks every argument before Impl changes anything, then calls it, with
+// copies of the grads it must not read in place (NOTE [Grads read through a
+// copy]): once, or once per param, in order, when params overlap (views of one
+// tensor, or one param listed twice), so that each sees the updates before it,
+// as torch.optim.Adadelta's for-loop does.
 template <FusedAdadeltaImpl Impl>
 void checked_call(const FusedAdadeltaTensors& tensors, const FusedAdadeltaOptions& options) {
-  const CheckedCall call = check_fused_adadelta_call(tensors, options, kRunsFromFlatParams<Impl>);
-  if (tensors.params.empty()) {
+  CheckedCall call = check_fused_adadelta_call(tensors, options, kRunsFromFlatParams<Impl>);
+  if (kChecksOnly<Impl> || tensors.params.empty()) {
     return;
   }
-  RealTensors real(tensors, call.any_complex);
+  const GradCopies copies(tensors, call);
+  RealTensors real(copies.tensors, call.any_complex);
   if (!call.params_overlap) {
     real.tensors.flat_params = call.flat_params.empty() ? nullptr : &call.flat_params;
     Impl(real.tensors, options);

@@ -63,7 +63,9 @@ void check_state_dtypes(
       acc_delta.scalar_type());
 }
 
-// As ATen refuses an in-place op on an inference tensor outside InferenceMode.
+// A tensor the op writes: not an inference tensor outside InferenceMode (as
+// ATen refuses an in-place op on one), and its memory holds its values (NOTE
+// [Grads behind a lazy bit] in fused_adadelta.cpp).
 void check_writable(const at::Tensor& tensor, const char* list_name, size_t index) {
   TORCH_CHECK(
       !tensor.is_inference() || c10::InferenceMode::is_enabled(), "fused_adadelta_: ",
@@ -71,6 +73,17 @@ void check_writable(const at::Tensor& tensor, const char* list_name, size_t inde
       "] is an inference tensor. Inplace update to inference tensor outside "
       "InferenceMode is not allowed. You can make a clone to get a normal tensor "
       "before doing inplace update.");
+  TORCH_CHECK(
+      !tensor.is_neg(), "fused_adadelta_: ", list_name, "[", index,
+      "] is written but has the negative bit set (a lazily negated view, as x.conj().imag "
+      "is): a tensor the op writes must hold its own values (resolve_neg() makes one)");
+  TORCH_CHECK(
+      !tensor.is_conj(), "fused_adadelta_: ", list_name, "[", index,
+      "] is written but has the conjugate bit set (a lazily conjugated view, as x.conj() "
+      "is): a tensor the op writes must hold its own values (resolve_conj() makes one)");
+  TORCH_CHECK(
+      !tensor._is_zerotensor(), "fused_adadelta_: ", list_name, "[", index,
+      "] is written but is a ZeroTensor (torch._efficientzerotensor), which has no memory");
 }
 
 void check_scalar_tensor(
@@ -107,18 +120,9 @@ void check_options(
     at::TensorList params,
     const at::Device& device,
     const FusedAdadeltaOptions& options) {
-  // torch.optim.Adadelta's own ranges (ValueError), so that a param_groups edit
-  // cannot slip past them. A tensor lr is not read here: that would wait for the device.
-  TORCH_CHECK_VALUE(
-      options.lr_tensor.has_value() || options.lr >= 0.0,
-      "fused_adadelta_: Invalid learning rate: ", options.lr);
-  TORCH_CHECK_VALUE(
-      options.rho >= 0.0 && options.rho <= 1.0, "fused_adadelta_: Invalid rho value: ",
-      options.rho);
-  TORCH_CHECK_VALUE(options.eps >= 0.0, "fused_adadelta_: Invalid epsilon value: ", options.eps);
-  TORCH_CHECK_VALUE(
-      options.weight_decay >= 0.0, "fused_adadelta_: Invalid weight_decay value: ",
-      options.weight_decay);
+  // No range of lr, rho, eps or weight_decay is checked: torch.optim.Adadelta
+  // checks them in __init__ only (as FusedAdadelta does), and steps with
+  // whatever a param_groups edit or an LRScheduler sets (a negative lr, say).
   check_scalar_tensor(options.lr_tensor, "lr", device, /*integers_allowed=*/true);
   check_scalar_tensor(options.grad_scale, "grad_scale", device, false);
   check_scalar_tensor(options.found_inf, "found_inf", device, false);
@@ -207,28 +211,87 @@ void check_no_internal_overlap(const at::Tensor& tensor, Role role, size_t index
       "operation.");
 }
 
-// Returns whether params share memory with each other; raises if any other
-// two tensors that must not share memory do. `ranges` is sorted by begin.
-bool check_sorted_ranges(const std::vector<MemoryRange>& ranges, bool grads_are_written) {
+// What the shared-memory check found that the call must act on (see CheckedCall).
+struct SharedMemory {
   bool params_overlap = false;
+  std::vector<uint32_t> copied_grads;
+  bool entries_repeat = false;  // see NOTE [Repeated entries]
+};
+
+// One tensor: the same TensorImpl, or the same data, sizes, strides and dtype.
+bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_same(b) ||
+      (a.const_data_ptr() == b.const_data_ptr() && a.scalar_type() == b.scalar_type() &&
+       a.sizes() == b.sizes() && a.strides() == b.strides());
+}
+
+// NOTE [Repeated entries]
+// A param listed twice in a group (tied weights gathered from two modules'
+// parameters()) comes with its grad and state twice: torch.optim.Adadelta
+// warns, and its for-loop updates the param twice in the step, the second
+// time from the first's results (the step counter goes up by two). Entries
+// i < j that are one param with one grad and state (same_tensor in every
+// list) are stepped so, one after the other, as params that overlap are;
+// entries that share some of those tensors and not all are refused. With
+// grad_scale the grad would be unscaled twice: refused too.
+bool entries_repeat(const FusedAdadeltaTensors& tensors, size_t i, size_t j) {
+  for (const at::TensorList list :
+       {tensors.params, tensors.grads, tensors.square_avgs, tensors.acc_deltas, tensors.state_steps}) {
+    if (!same_tensor(list[i], list[j])) {
+      return false;
+    }
+  }
+  return !tensors.compensations.has_value() ||
+      same_tensor((*tensors.compensations)[i], (*tensors.compensations)[j]);
+}
+
+// Raises if two tensors that must not share memory do. `ranges` is sorted by begin.
+SharedMemory check_sorted_ranges(
+    const std::vector<MemoryRange>& ranges,
+    const FusedAdadeltaTensors& tensors,
+    bool grads_are_written) {
+  SharedMemory found;
   for (size_t a = 0; a < ranges.size(); ++a) {
     for (size_t b = a + 1; b < ranges.size() && ranges[b].begin < ranges[a].end; ++b) {
       const Role first = ranges[a].role;
       const Role second = ranges[b].role;
+      const size_t i = std::min(ranges[a].index, ranges[b].index);
+      const size_t j = std::max(ranges[a].index, ranges[b].index);
+      if (first == second && ranges[a].begin == ranges[b].begin && ranges[a].end == ranges[b].end &&
+          entries_repeat(tensors, i, j)) {
+        TORCH_CHECK(
+            !grads_are_written, "fused_adadelta_: params[", i, "] and params[", j,
+            "] are one param with one grad and state (a param listed twice): grad_scale "
+            "would unscale its grad twice");
+        found.params_overlap = true;
+        found.entries_repeat = true;
+        continue;
+      }
       if (first == Role::kParam && second == Role::kParam) {
-        params_overlap = true;
+        found.params_overlap = true;
         continue;
       }
       // Read-only grads may alias each other; steps are counters two params may share.
       const bool shareable = first == second &&
           (first == Role::kStep || (first == Role::kGrad && !grads_are_written));
+      if (shareable) {
+        continue;
+      }
+      // A read-only grad and a written tensor: see NOTE [Grads read through a copy].
+      if (!grads_are_written && (first == Role::kGrad || second == Role::kGrad)) {
+        found.copied_grads.push_back(first == Role::kGrad ? ranges[a].index : ranges[b].index);
+        continue;
+      }
       TORCH_CHECK(
-          shareable, "fused_adadelta_: ", role_name(first), "[", ranges[a].index, "] and ",
+          false, "fused_adadelta_: ", role_name(first), "[", ranges[a].index, "] and ",
           role_name(second), "[", ranges[b].index,
           "] share memory; each param's grad and state must be tensors of their own");
     }
   }
-  return params_overlap;
+  std::sort(found.copied_grads.begin(), found.copied_grads.end());
+  const auto duplicates = std::unique(found.copied_grads.begin(), found.copied_grads.end());
+  found.copied_grads.erase(duplicates, found.copied_grads.end());
+  return found;
 }
 
 // The byte ranges of one call's tensors, role by role (in Role's order), each
@@ -240,23 +303,29 @@ using RangesByRole = std::array<std::vector<MemoryRange>, kRoles>;
 // after step: params and state never move, and grads mostly come back where
 // they were. Sorting thousands of ranges every step was most of the op's host
 // cost for small params, so each thread remembers the ranges and outcome of
-// its last few passing calls, and an identical call repeats the outcome. Any
-// difference (a grad elsewhere, another tensor) checks anew.
+// its last few passing calls (whether params overlap, which grads are read
+// through copies: both follow from the ranges alone), and an identical call
+// repeats the outcome. Any difference (a grad elsewhere, another tensor)
+// checks anew. A call with repeated entries (NOTE [Repeated entries]) is not
+// remembered: whether entries repeat follows from more than their ranges (a
+// square param and its transpose have one range).
 struct PassedCheck {
   RangesByRole ranges;
   bool grads_are_written;
-  bool params_overlap;
+  SharedMemory found;
 };
 constexpr size_t kPassedChecksKept = 4;  // several param groups or devices per step
 
-// Returns whether params share memory with each other; raises if any other
-// two tensors that must not share memory do.
-bool check_shared_memory(const RangesByRole& ranges, bool grads_are_written) {
+// Raises if two tensors that must not share memory do.
+SharedMemory check_shared_memory(
+    const RangesByRole& ranges,
+    const FusedAdadeltaTensors& tensors,
+    bool grads_are_written) {
   thread_local std::array<PassedCheck, kPassedChecksKept> passed;
   thread_local size_t next_replaced = 0;
   for (const PassedCheck& check : passed) {
     if (check.grads_are_written == grads_are_written && check.ranges == ranges) {
-      return check.params_overlap;
+      return check.found;
     }
   }
   // Each list is often allocated in order (or, as autograd makes grads, in
@@ -278,10 +347,12 @@ bool check_shared_memory(const RangesByRole& ranges, bool grads_are_written) {
     }
     std::inplace_merge(sorted.begin(), run, sorted.end(), by_begin);
   }
-  const bool params_overlap = check_sorted_ranges(sorted, grads_are_written);
-  passed[next_replaced] = {ranges, grads_are_written, params_overlap};
-  next_replaced = (next_replaced + 1) % kPassedChecksKept;
-  return params_overlap;
+  SharedMemory found = check_sorted_ranges(sorted, tensors, grads_are_written);
+  if (!found.entries_repeat) {
+    passed[next_replaced] = {ranges, grads_are_written, found};
+    next_replaced = (next_replaced + 1) % kPassedChecksKept;
+  }
+  return found;
 }
 
 // Two dense tensors of one shape have their elements in the same order in
@@ -357,7 +428,7 @@ CheckedCall check_fused_adadelta_call(
       !compensations.has_value() || !seeds.has_value(),
       "fused_adadelta_: compensations (Kahan summation) and stochastic_round_seeds "
       "(stochastic rounding) exclude each other");
-  CheckedCall call{false, false, {}};
+  CheckedCall call{false, false, {}, {}};
   if (params.empty()) {
     return call;
   }
@@ -471,7 +542,11 @@ CheckedCall check_fused_adadelta_call(
     record_of(i).compensation = data_of(compensation, true, Role::kCompensation, i);
   }
   check_options(params, device, options);
-  call.params_overlap = has_addresses && check_shared_memory(ranges, grads_are_written);
+  if (has_addresses) {
+    SharedMemory found = check_shared_memory(ranges, tensors, grads_are_written);
+    call.params_overlap = found.params_overlap;
+    call.copied_grads = std::move(found.copied_grads);
+  }
   if (!all_flat || call.any_complex) {
     flat.clear();
   }
@@ -491,6 +566,22 @@ RealTensors::RealTensors(const FusedAdadeltaTensors& tensors_in, bool any_comple
     }
     *lists[list] = views_[list];
   }
+}
+
+GradCopies::GradCopies(const FusedAdadeltaTensors& tensors_in, CheckedCall& call)
+    : tensors(tensors_in) {
+  if (call.copied_grads.empty()) {
+    return;
+  }
+  grads_ = tensors.grads.vec();
+  for (const uint32_t i : call.copied_grads) {
+    // A dense grad keeps its strides, so that a param's flat record still fits.
+    grads_[i] = grads_[i].clone(at::MemoryFormat::Preserve);
+    if (!call.flat_params.empty()) {
+      call.flat_params[i].grad = grads_[i].mutable_data_ptr();
+    }
+  }
+  tensors.grads = grads_;
 }
 
 FusedAdadeltaTensors FusedAdadeltaTensors::entry(size_t i) const {

@@ -79,7 +79,8 @@ struct FusedAdadeltaTensors {
 
 // What check_fused_adadelta_call learned that the call must act on.
 struct CheckedCall {
-  // Some params share memory (views of one tensor): update them one at a time.
+  // Some params share memory (views of one tensor, or one param listed twice):
+  // update them one at a time.
   bool params_overlap;
   // Some params are complex (see RealTensors).
   bool any_complex;
@@ -88,6 +89,9 @@ struct CheckedCall {
   // real and flat (its tensors dense and laid out alike, see FlatTensorLists):
   // the common case. Else empty.
   std::vector<FlatParam> flat_params;
+  // The indices of read-only grads that share memory with a tensor the op
+  // writes, ascending (NOTE [Grads read through a copy]).
+  std::vector<uint32_t> copied_grads;
 };
 
 // Raises (RuntimeError, naming the list and index and the problem) unless one
@@ -100,12 +104,20 @@ struct CheckedCall {
 //   one-element float32/float64 steps;
 // - compensations (of the param's shape and dtype) or stochastic_round_seeds,
 //   not both, and only for float16/bfloat16 params;
-// - no inference tensor outside InferenceMode, as for ATen's in-place ops;
+// - no written tensor that is an inference tensor outside InferenceMode (as
+//   for ATen's in-place ops), has the negative or conjugate bit, or is a
+//   ZeroTensor (NOTE [Grads behind a lazy bit] in fused_adadelta.cpp: read-only
+//   grads reach the checks resolved);
 // - no written tensor (params, states, and grads when grad_scale unscales them)
 //   whose elements share memory, and no two tensors of different roles
-//   sharing memory (params may share memory with each other);
-// - lr, rho, eps and weight_decay in torch.optim.Adadelta's ranges (a
-//   ValueError), and representable in the params' compute type.
+//   sharing memory, but for params, which may share memory with each other,
+//   and read-only grads, which may share memory with anything (listed in
+//   CheckedCall::copied_grads where it is written), and entries that repeat
+//   one another whole (a param listed twice, with its grad and state; not
+//   with grad_scale), stepped one after the other (params_overlap);
+// - a float lr, eps and weight_decay representable in the params' compute
+//   type. Their ranges (and rho's) are not checked: torch.optim.Adadelta
+//   steps with a negative lr, say, set after __init__, and so does the op.
 // The address checks are skipped on the meta device, which has no memory.
 // With record_flat_params, also fills CheckedCall::flat_params, reading the
 // data of the tensors the op writes for writing.
@@ -113,6 +125,29 @@ CheckedCall check_fused_adadelta_call(
     const FusedAdadeltaTensors& tensors,
     const FusedAdadeltaOptions& options,
     bool record_flat_params);
+
+// NOTE [Grads read through a copy]
+// Without grad_scale grads are only read, and torch.optim.Adadelta steps with a
+// grad that shares memory with a tensor the step writes (p.grad = p.detach(),
+// a grad that is a view of another param): its foreach path reads every grad
+// before it writes any param (so does its for-loop, for a grad that is its own
+// param). The op does the same: each such grad (CheckedCall::copied_grads) is
+// read through a copy taken before anything is written, every other grad in
+// place, where no write reaches it. With grad_scale grads are written, and
+// such sharing is refused.
+class GradCopies {
+ public:
+  // Points call.flat_params at the copies too, where it has records.
+  GradCopies(const FusedAdadeltaTensors& tensors, CheckedCall& call);
+  GradCopies(const GradCopies&) = delete;
+  GradCopies& operator=(const GradCopies&) = delete;
+
+  // The caller's tensors, with the copies in grads.
+  FusedAdadeltaTensors tensors;
+
+ private:
+  std::vector<at::Tensor> grads_;
+};
 
 // The tensors with each complex one viewed as a real one with a trailing
 // dimension of 2 (torch.view_as_real), as torch.optim updates complex params.

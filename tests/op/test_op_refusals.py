@@ -12,7 +12,15 @@ import re
 
 import pytest
 import torch
-from optim_testing import DEVICES, OP_OPTIONS, assert_unchanged, op_lists, snapshot
+from optim_testing import (
+    DEVICES,
+    OP_OPTIONS,
+    assert_unchanged,
+    lazily_conjugated,
+    lazily_negated,
+    op_lists,
+    snapshot,
+)
 
 import adadelta_ext
 from adadelta_ext._ops import check_fused_adadelta
@@ -65,6 +73,40 @@ def expanded_grad_with_grad_scale(lists, options):
     # Issue 9, defect 10: unscaling writes the grad, and an expanded one was refused only after writing.
     lists["grads"][1] = torch.ones(1, device=lists["grads"][1].device).expand(3, 2)
     options["grad_scale"] = torch.tensor(2.0, device=lists["grads"][1].device)
+
+
+def grad_sharing_memory_with_its_param_with_grad_scale(lists, options):
+    # Without grad_scale a grad is read through a copy (NOTE [Grads read through a copy]); with one,
+    # the grad is written: unscaling it would write the param.
+    lists["grads"][1] = lists["params"][1]
+    options["grad_scale"] = torch.tensor(2.0, device=lists["grads"][1].device)
+
+
+# NOTE [Repeated entries]: an entry may repeat another whole, and be stepped twice, but not in part.
+
+
+def param_listed_twice_with_grad_scale(lists, options):
+    # Its grad would be unscaled twice.
+    for tensors in lists.values():
+        tensors[1] = tensors[0]
+    options["grad_scale"] = torch.tensor(2.0, device=lists["grads"][1].device)
+
+
+def param_listed_twice_with_an_acc_delta_of_its_own(lists, options):
+    for name, tensors in lists.items():
+        if name != "acc_deltas":
+            tensors[1] = tensors[0]
+
+
+def square_entry_and_its_transpose(lists, options):
+    # One range for each tensor and its transpose: the entries share memory, but are not one.
+    for name, tensors in lists.items():
+        square = tensors[0].new_ones(3, 3)
+        tensors[0], tensors[1] = (square, square.t()) if name != "state_steps" else (tensors[0],) * 2
+
+
+# Either state of entries 0 and 1, named in the order of their addresses.
+SQUARE_STATE_SHARED = r"(square_avgs|acc_deltas)\[[01]\] and \1\[[01]\] share memory"
 
 
 def integer_step(lists, options):
@@ -123,6 +165,81 @@ def compensations_and_seeds(lists, options):
     options["stochastic_round_seeds"] = [1, 2]
 
 
+# A written tensor behind a lazy bit (NOTE [Grads behind a lazy bit] in csrc/fused_adadelta.cpp):
+# writing through the negative or conjugate bit would store the values negated or conjugated, and
+# a ZeroTensor has no memory.
+
+
+def param_with_the_negative_bit(lists, options):
+    lists["params"][1] = lazily_negated(lists["params"][1])
+
+
+def step_with_the_negative_bit(lists, options):
+    lists["state_steps"][1] = lazily_negated(lists["state_steps"][1])
+
+
+def square_avg_with_the_conjugate_bit(lists, options):
+    for name in lists:
+        lists[name] = [t.to(torch.complex64) if name != "state_steps" else t for t in lists[name]]
+    lists["square_avgs"][1] = lazily_conjugated(lists["square_avgs"][1])
+
+
+def acc_delta_that_is_a_zero_tensor(lists, options):
+    acc_delta = lists["acc_deltas"][1]
+    lists["acc_deltas"][1] = torch._efficientzerotensor(acc_delta.shape, device=acc_delta.device)
+
+
+def compensation_with_the_negative_bit(lists, options):
+    bfloat16_params(lists)
+    options["compensations"] = [torch.zeros_like(p) for p in lists["params"]]
+    options["compensations"][1] = lazily_negated(options["compensations"][1])
+
+
+def grad_with_the_negative_bit_with_grad_scale(lists, options):
+    # Decided: unscaling a resolved copy would leave the caller's grad scaled.
+    lists["grads"][1] = lazily_negated(lists["grads"][1])
+    options["grad_scale"] = torch.tensor(2.0, device=lists["grads"][1].device)
+
+
+def zero_tensor_grad_with_grad_scale(lists, options):
+    # As torch, whose GradScaler.unscale_ refuses to write a ZeroTensor.
+    grad = lists["grads"][1]
+    lists["grads"][1] = torch._efficientzerotensor(grad.shape, device=grad.device)
+    options["grad_scale"] = torch.tensor(2.0, device=grad.device)
+
+
+LAZY_BIT_MISUSES = {
+    "param_with_the_negative_bit": (
+        param_with_the_negative_bit,
+        r"params\[1\] is written but has the negative bit set",
+    ),
+    "step_with_the_negative_bit": (
+        step_with_the_negative_bit,
+        r"state_steps\[1\] is written but has the negative bit set",
+    ),
+    "square_avg_with_the_conjugate_bit": (
+        square_avg_with_the_conjugate_bit,
+        r"square_avgs\[1\] is written but has the conjugate bit set",
+    ),
+    "acc_delta_that_is_a_zero_tensor": (
+        acc_delta_that_is_a_zero_tensor,
+        r"acc_deltas\[1\] is written but is a ZeroTensor",
+    ),
+    "compensation_with_the_negative_bit": (
+        compensation_with_the_negative_bit,
+        r"compensations\[1\] is written but has the negative bit set",
+    ),
+    "grad_with_the_negative_bit_with_grad_scale": (
+        grad_with_the_negative_bit_with_grad_scale,
+        r"grads\[1\] is written but has the negative bit set",
+    ),
+    "zero_tensor_grad_with_grad_scale": (
+        zero_tensor_grad_with_grad_scale,
+        r"grads\[1\] is written but is a ZeroTensor",
+    ),
+}
+
+
 def bfloat16_params(lists):
     for name in ("params", "grads"):
         lists[name] = [t.bfloat16() for t in lists[name]]
@@ -165,6 +282,23 @@ OP_MISUSES = {
         expanded_grad_with_grad_scale,
         r"grads\[1\] is written but has elements that share memory",
     ),
+    "grad_sharing_memory_with_its_param_with_grad_scale": (
+        grad_sharing_memory_with_its_param_with_grad_scale,
+        r"params\[1\] and grads\[1\] share memory",
+    ),
+    "param_listed_twice_with_grad_scale": (
+        param_listed_twice_with_grad_scale,
+        r"params\[0\] and params\[1\] are one param with one grad and state \(a param listed twice\): "
+        "grad_scale would unscale its grad twice",
+    ),
+    "param_listed_twice_with_an_acc_delta_of_its_own": (
+        param_listed_twice_with_an_acc_delta_of_its_own,
+        r"square_avgs\[[01]\] and square_avgs\[[01]\] share memory",
+    ),
+    "square_entry_and_its_transpose": (
+        square_entry_and_its_transpose,
+        SQUARE_STATE_SHARED,
+    ),
     "integer_step": (integer_step, r"state_steps\[1\] must be a one-element float32 or float64 tensor"),
     "step_of_two_elements": (
         step_of_two_elements,
@@ -198,6 +332,7 @@ OP_MISUSES = {
         state_requiring_grad_in_grad_mode,
         r"acc_deltas\[1\] requires grad and grad mode is on",
     ),
+    **LAZY_BIT_MISUSES,
 }
 
 
@@ -215,6 +350,21 @@ def test_op_called_with_mismatched_lists_raises_runtime_error_and_changes_nothin
     assert_unchanged(lists, before)
 
 
+@pytest.mark.parametrize("misuse", list(LAZY_BIT_MISUSES), ids=list(LAZY_BIT_MISUSES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_check_op_refuses_a_written_tensor_behind_a_lazy_bit_as_the_op_does(device, misuse):
+    """check_fused_adadelta writes nothing, so torch's fallbacks at the lazy bits' keys would hand
+    it such tensors resolved, and it would pass what the op refuses: FusedAdadelta, which checks
+    every call first, would then have written an earlier call's params before a later one raised."""
+    spoil, message = LAZY_BIT_MISUSES[misuse]
+    lists, options = op_lists(TWO_ENTRIES, device=device), dict(OP_OPTIONS)
+    spoil(lists, options)
+    before = snapshot(lists)
+    with pytest.raises(RuntimeError, match=message):
+        check_fused_adadelta(*lists.values(), **options)
+    assert_unchanged(lists, before)
+
+
 def test_a_call_that_passed_is_checked_again_once_a_tensor_moves():
     """The shared-memory check repeats the outcome of an identical call that passed (NOTE
     [Shared-memory checks, remembered]); the same lists with one tensor moved onto another's memory
@@ -224,6 +374,23 @@ def test_a_call_that_passed_is_checked_again_once_a_tensor_moves():
     lists["acc_deltas"][1].set_(lists["square_avgs"][0])
     before = snapshot(lists)
     with pytest.raises(RuntimeError, match=r"square_avgs\[0\] and acc_deltas\[1\] share memory"):
+        adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
+    assert_unchanged(lists, before)
+
+
+def test_a_call_with_repeated_entries_is_not_remembered():
+    """Whether entries repeat follows from more than their ranges (NOTE [Shared-memory checks,
+    remembered]): entry 1 repeating entry 0 passes; the same with entry 1 transposed has the same
+    ranges, and is refused."""
+    lists = op_lists([(3, 3), (3, 3)])
+    for tensors in lists.values():
+        tensors[1] = tensors[0]
+    adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
+    for name, tensors in lists.items():
+        if name != "state_steps":
+            tensors[1] = tensors[0].t()
+    before = snapshot(lists)
+    with pytest.raises(RuntimeError, match=SQUARE_STATE_SHARED):
         adadelta_ext.fused_adadelta_(*lists.values(), **OP_OPTIONS)
     assert_unchanged(lists, before)
 
