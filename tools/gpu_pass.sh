@@ -3,7 +3,7 @@
 # Run from the repository root, in one call: `bash tools/gpu_pass.sh`.
 #
 # Steps, in order: build (the CUDA extension, in place), info (`python -m
-# adadelta_ext`), pytest (the whole suite but the packaging test), benchmark (`python -m
+# adadelta_ext`), pytest (every CUDA test: `-m cuda`), benchmark (`python -m
 # benchmarks.step --device cuda`), ncu (a profile of the fused kernel on a
 # 64M-element float32 step), memcheck and racecheck (the CUDA tests under
 # compute-sanitizer; last, as the slowest). Every log goes under $OUT
@@ -124,15 +124,16 @@ fi
 
 # CUDA tests must run here: a skip that names CUDA is a failure.
 if wanted pytest; then
-  # Left to CI, which runs them on every submission: test_packaging installs torch into a fresh
-  # venv, which needs the network the GPU machine lacks; the nvcc compile checks and the emulated
-  # kernel need no GPU and took most of the suite's time on an H200 (159 s for one compile check).
-  # pytest-xdist, where the image has it, spreads the suite over the machine's cores; -rA lists
-  # every test's outcome by name.
+  # The CUDA tests (-m cuda, conftest.py's mark for every test that needs a GPU); the rest of the
+  # suite is CI's, which runs it on every submission (and needs no GPU). Of the CUDA-marked ones,
+  # left to CI too: test_packaging installs torch into a fresh venv, which needs the network the
+  # GPU machine lacks; the nvcc compile checks and the emulated kernel need no GPU and took most
+  # of the suite's time on an H200 (159 s for one compile check). pytest-xdist, where the image
+  # has it, spreads the tests over the machine's cores; -rA lists every test's outcome by name.
   workers=()
   python -c 'import xdist' 2>/dev/null && workers=(-n "${GPU_PASS_PYTEST_WORKERS:-14}")
   step pytest 240 python -m pytest -q -rA --tb=short -p no:cacheprovider --junitxml="$OUT/pytest.xml" "${workers[@]}" \
-    --deselect tests/build_and_style/test_packaging.py --deselect tests/build_and_style/test_cuda_build.py \
+    -m cuda --deselect tests/build_and_style/test_packaging.py --deselect tests/build_and_style/test_cuda_build.py \
     --deselect tests/op/test_emulated_cuda_kernel.py
   note "pytest counts: $(pytest_counts "$OUT/pytest.log")"
   if grep -E '^SKIPPED' "$OUT/pytest.log" | grep -qi 'cuda'; then
@@ -184,7 +185,8 @@ PYTHON
 fi
 
 # The kernel's own CUDA tests (the kernel against the CPU op: every dtype, launch layout and
-# rounding option): all the CUDA tests under memcheck reached 38% in 149 s (2026-11-26, H200).
+# rounding option) and the op's inputs (copied, resolved and repeated grads; refusals): all the
+# CUDA tests under memcheck reached 38% in 149 s (2026-11-26, H200).
 # Without the caching allocator each tensor is its own allocation, so memcheck
 # reports an access past a tensor's end; API errors are not reported, as
 # cuda-python's probing of driver entry points makes them (34 on 2026-11-26)
@@ -200,7 +202,8 @@ fi
 if wanted memcheck && [[ -n ${SANITIZER:-} ]]; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 200 \
     "$SANITIZER" --tool memcheck --report-api-errors no --error-exitcode 86 --print-limit 50 \
-    python -m pytest -q -p no:cacheprovider -m 'cuda and not slow' tests/op/test_cuda_matches_cpu.py
+    python -m pytest -q -p no:cacheprovider -m 'cuda and not slow' tests/op/test_cuda_matches_cpu.py \
+    tests/op/test_op_inputs_torch_accepts.py tests/op/test_op_refusals.py
   note "memcheck counts: $(pytest_counts "$OUT/memcheck.log")"
   grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /' | tee -a "$SUMMARY"
 fi
