@@ -49,22 +49,6 @@ constexpr int kChunkElements = 4096;
 // Elements per thread per pass of the element-wise path: its loads of one
 // pass are independent, so they are in flight together.
 constexpr int kElementwiseIlp = 4;
-// NOTE [Passes in flight]
-// A block passes over its chunk 16 bytes of each tensor per thread at a time:
-// a float32 chunk in four passes. Pass by pass, each thread waits out a memory
-// round trip per pass, with 64 bytes in flight. Near the end of a launch, when
-// fewer blocks are left than the SMs hold, that is too little to keep memory
-// busy (H200, 2026-12-04: one tensor of 4,096,000 float32 at 81% of the
-// step-pattern ceiling from a CUDA graph, 64M at 92%). So a thread loads the
-// runs of all its passes first, up to this many elements per tensor (16
-// float32, 8 float64: 256 bytes in flight, the registers of about two blocks
-// of 256 threads per SM instead of five), then updates and stores them. Each
-// thread takes the same elements as before, so the results do not change.
-template <typename opmath>
-constexpr int passes_in_flight(int vector_elements) {
-  const int elements = 64 / static_cast<int>(sizeof(opmath));
-  return elements > vector_elements ? elements / vector_elements : 1;
-}
 constexpr int64_t kMaxBlocksPerLaunch = 2147483647;  // gridDim.x limit
 
 // The kernel argument limits of NOTE [Two argument layouts].
@@ -241,29 +225,26 @@ constexpr int max_of(int a, int b, int c) {
   return a > b ? (a > c ? a : c) : (b > c ? b : c);
 }
 
-// kPasses runs of kRun consecutive elements of the chunk, the first from
-// `first`, each kThreadsPerBlock * kRun past the one before (the runs this
-// thread takes in kPasses passes of the block over the chunk), moved 16 bytes
-// at a time: only for chunks whose four pointers are 16-byte aligned. Every
-// run's loads are issued before any value is used (NOTE [Passes in flight]).
-template <int kRun, int kPasses = 1>
+// kCount consecutive elements of the chunk from `first`, moved 16 bytes at a
+// time: only for chunks whose four pointers are 16-byte aligned.
+template <int kCount>
 struct ContiguousElements {
-  static constexpr int kElements = kRun * kPasses;
-  static constexpr int kPassStride = kThreadsPerBlock * kRun;
+  static constexpr int kElements = kCount;
   int first;
 
   // The chunk's element that values[i] holds.
   __device__ __forceinline__ int index(int i) const {
-    return first + i / kRun * kPassStride + i % kRun;
+    return first + i;
   }
 
   template <typename T, typename opmath>
-  __device__ __forceinline__ void load(const T* chunk, opmath (&values)[kElements]) const {
+  __device__ __forceinline__ void load(const T* chunk, opmath (&values)[kCount]) const {
     using Vector = AlignedVector<T>;
-    static_assert(kRun % Vector::kSize == 0, "whole vectors only");
+    static_assert(kCount % Vector::kSize == 0, "whole vectors only");
 #pragma unroll
-    for (int v = 0; v < kElements / Vector::kSize; ++v) {
-      const Vector vector = *reinterpret_cast<const Vector*>(chunk + index(v * Vector::kSize));
+    for (int v = 0; v < kCount / Vector::kSize; ++v) {
+      const Vector vector =
+          *reinterpret_cast<const Vector*>(chunk + first + v * Vector::kSize);
 #pragma unroll
       for (int i = 0; i < Vector::kSize; ++i) {
         values[v * Vector::kSize + i] = to_opmath(vector.elements[i]);
@@ -272,16 +253,16 @@ struct ContiguousElements {
   }
 
   template <typename T, typename opmath>
-  __device__ __forceinline__ void store(T* chunk, const opmath (&values)[kElements]) const {
+  __device__ __forceinline__ void store(T* chunk, const opmath (&values)[kCount]) const {
     using Vector = AlignedVector<T>;
 #pragma unroll
-    for (int v = 0; v < kElements / Vector::kSize; ++v) {
+    for (int v = 0; v < kCount / Vector::kSize; ++v) {
       Vector vector;
 #pragma unroll
       for (int i = 0; i < Vector::kSize; ++i) {
         vector.elements[i] = from_opmath<T>(values[v * Vector::kSize + i]);
       }
-      *reinterpret_cast<Vector*>(chunk + index(v * Vector::kSize)) = vector;
+      *reinterpret_cast<Vector*>(chunk + first + v * Vector::kSize) = vector;
     }
   }
 };
@@ -502,15 +483,8 @@ __device__ __forceinline__ void update_chunk_of_block(
         AlignedVector<param_t>::kSize, AlignedVector<grad_t>::kSize,
         AlignedVector<state_t>::kSize);
     elementwise_begin = chunk_size / kVectorElements * kVectorElements;
-    // NOTE [Passes in flight]: where this thread has kPasses whole runs left, it loads them all
-    // at once; else one pass at a time.
-    constexpr int kPasses = passes_in_flight<opmath>(kVectorElements);
-    constexpr int kPassStride = kThreadsPerBlock * kVectorElements;
-    int first = threadIdx.x * kVectorElements;
-    for (; first + (kPasses - 1) * kPassStride < elementwise_begin; first += kPasses * kPassStride) {
-      update_elements<kRounding>(chunk, ContiguousElements<kVectorElements, kPasses>{first}, step);
-    }
-    for (; first < elementwise_begin; first += kPassStride) {
+    for (int first = threadIdx.x * kVectorElements; first < elementwise_begin;
+         first += kThreadsPerBlock * kVectorElements) {
       update_elements<kRounding>(chunk, ContiguousElements<kVectorElements>{first}, step);
     }
   }
