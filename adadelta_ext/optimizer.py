@@ -507,9 +507,11 @@ class FusedAdadelta(Optimizer):
     def _check_loaded_state(self, group: dict[str, Any], index: int, state: Any) -> None:
         """Raises, naming the param, if its state is not what a step can use (a malformed
         checkpoint loads as it is, as in torch; see load_state_dict)."""
-        keys = ("step", *_STATE_KEYS, *((_KAHAN_KEY,) if self.kahan_sum and _KAHAN_KEY in state else ()))
-        if isinstance(state, dict) and (not state or all(torch.is_tensor(state.get(key)) for key in keys)):
-            return  # made at this step, or a state to step
+        if isinstance(state, dict):
+            kahan = (_KAHAN_KEY,) if self.kahan_sum and _KAHAN_KEY in state else ()
+            keys = ("step", *_STATE_KEYS, *kahan)
+            if not state or all(torch.is_tensor(state.get(key)) for key in keys):
+                return  # made at this step, or a state to step
         group_index = next(g for g, other in enumerate(self.param_groups) if other is group)
         where = f"FusedAdadelta: the state of param_groups[{group_index}]['params'][{index}]"
         if not isinstance(state, dict):

@@ -146,34 +146,62 @@ PyObject* interned(const char* name) {
   return string;
 }
 
+// A Python float or int (not bool) as a double, or nothing.
+std::optional<double> plain_number(PyObject* object) {
+  if (PyFloat_Check(object)) {
+    return PyFloat_AS_DOUBLE(object);
+  }
+  if (!PyLong_Check(object) || PyBool_Check(object)) {
+    return std::nullopt;
+  }
+  const double value = PyLong_AsDouble(object);
+  if (value == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();  // too large for a double: the Python path names it
+    return std::nullopt;
+  }
+  return value;
+}
+
 // Reads one group's options tuple: (params, device, lr, rho, eps,
-// weight_decay, maximize, grad_scale, found_inf, round_lr_product).
-GroupOptions parse_options(PyObject* group) {
+// weight_decay, maximize, grad_scale, found_inf, round_lr_product). Nothing
+// where an option is not of the type the op takes (a string lr, say): the
+// Python path then calls the op, which names it.
+std::optional<GroupOptions> parse_options(PyObject* group) {
   GroupOptions options;
   PyObject* device = PyTuple_GET_ITEM(group, 1);
   PyObject* lr = PyTuple_GET_ITEM(group, 2);
-  TORCH_CHECK(THPDevice_Check(device), "step_gathered: a group's device must be a torch.device");
+  PyObject* maximize = PyTuple_GET_ITEM(group, 6);
+  PyObject* round_lr_product = PyTuple_GET_ITEM(group, 9);
+  if (!THPDevice_Check(device) || !PyBool_Check(maximize) || !PyBool_Check(round_lr_product)) {
+    return std::nullopt;
+  }
   options.device = reinterpret_cast<THPDevice*>(device)->device;
+  options.maximize = maximize == Py_True;
+  options.round_lr_product = round_lr_product == Py_True;
   if (THPVariable_Check(lr)) {
     options.lr_tensor = THPVariable_Unpack(lr);
+  } else if (const std::optional<double> value = plain_number(lr)) {
+    options.lr = *value;
   } else {
-    options.lr = PyFloat_AsDouble(lr);
+    return std::nullopt;
   }
-  options.rho = PyFloat_AsDouble(PyTuple_GET_ITEM(group, 3));
-  options.eps = PyFloat_AsDouble(PyTuple_GET_ITEM(group, 4));
-  options.weight_decay = PyFloat_AsDouble(PyTuple_GET_ITEM(group, 5));
-  options.maximize = PyObject_IsTrue(PyTuple_GET_ITEM(group, 6)) == 1;
+  for (const auto& [index, value] :
+       {std::pair{3, &options.rho}, std::pair{4, &options.eps}, std::pair{5, &options.weight_decay}}) {
+    const std::optional<double> number = plain_number(PyTuple_GET_ITEM(group, index));
+    if (!number.has_value()) {
+      return std::nullopt;
+    }
+    *value = *number;
+  }
   for (const auto& [index, tensor] :
        {std::pair{7, &options.grad_scale}, std::pair{8, &options.found_inf}}) {
     PyObject* object = PyTuple_GET_ITEM(group, index);
     if (object != Py_None) {
-      TORCH_CHECK(THPVariable_Check(object), "step_gathered: grad_scale and found_inf must be tensors");
+      if (!THPVariable_Check(object)) {
+        return std::nullopt;
+      }
       *tensor = THPVariable_Unpack(object);
     }
-  }
-  options.round_lr_product = PyObject_IsTrue(PyTuple_GET_ITEM(group, 9)) == 1;
-  if (PyErr_Occurred()) {
-    throw python_error();
   }
   return options;
 }
@@ -339,7 +367,11 @@ PyObject* step_gathered(PyObject* /*module*/, PyObject* args) {
     TORCH_CHECK(
         PyTuple_Check(group) && PyTuple_GET_SIZE(group) == 10 && PyList_Check(PyTuple_GET_ITEM(group, 0)),
         "step_gathered: each group must be a tuple of 10, its params a list");
-    options[g] = parse_options(group);
+    std::optional<GroupOptions> parsed = parse_options(group);
+    if (!parsed.has_value()) {
+      Py_RETURN_FALSE;
+    }
+    options[g] = std::move(*parsed);
     if (!gather_group(
             PyTuple_GET_ITEM(group, 0), state, options[g], fp32_state != 0,
             static_cast<Rounding>(rounding), references, calls)) {

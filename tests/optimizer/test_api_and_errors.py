@@ -75,14 +75,20 @@ def two_groups(second_group_options):
     return (first, second), [{"params": [first]}, {"params": [second], **second_group_options}]
 
 
-def test_a_bad_option_in_a_later_group_refuses_the_whole_step():
-    """Issue 9, defect 5: a bad option in a later param group half-applied the step."""
-    (first, second), groups = two_groups({"lr": "0.5"})
+@pytest.mark.parametrize("stepped", [False, True], ids=["first_step", "after_a_step"])
+def test_a_bad_option_in_a_later_group_refuses_the_whole_step(stepped):
+    """Issue 9, defect 5: a bad option in a later param group half-applied the step. After a step
+    (the state made, so the C++ path would take the step) the error still names the option."""
+    (first, second), groups = two_groups({})
     optimizer = FusedAdadelta(groups)
+    if stepped:
+        optimizer.step()
+    before = [first.detach().clone(), second.detach().clone()]
+    optimizer.param_groups[1]["lr"] = "0.5"
     with pytest.raises((RuntimeError, TypeError), match="lr"):
         optimizer.step()
-    assert torch.equal(first, torch.zeros(3)) and torch.equal(second, torch.zeros(3))
-    assert len(optimizer.state) == 0
+    assert torch.equal(first, before[0]) and torch.equal(second, before[1])
+    assert len(optimizer.state) == (2 if stepped else 0)
 
 
 def test_an_integer_lr_tensor_is_accepted_as_torch_accepts_it():
