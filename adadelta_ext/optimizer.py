@@ -52,14 +52,17 @@ def _local(tensor: Tensor) -> Tensor:
 # capturable optimizers are: what mode="reduce-overhead" needs to capture it in a CUDA graph with
 # the rest, and what fullgraph=True needs. The constructor's capturable decides (self.defaults):
 # dynamo sets the groups' own flag on CUDA for its own reasons.
-@torch.compiler.disable
+@torch.compiler.disable(
+    reason="FusedAdadelta's step runs outside the graph unless it is constructed with capturable=True,"
+    " which mode='reduce-overhead' and fullgraph=True need (NOTE [Under torch.compile])"
+)
 def _step_outside_the_graph(optimizer: FusedAdadelta) -> None:
     """A step under torch.compile with capturable=False: eager, out of the graph."""
     if not optimizer._step_gathered_in_cpp():
         optimizer._step_in_python()
 
 
-@torch.compiler.disable
+@torch.compiler.disable(reason="inductor cannot compile a mutating custom op over complex tensors")
 def _fused_adadelta_outside_the_graph(*tensor_lists: list[Tensor], **options: Any) -> None:
     """The op for complex params, never traced by torch.compile: a graph break.
 

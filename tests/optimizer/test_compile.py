@@ -229,6 +229,15 @@ def test_by_default_a_compiled_step_runs_the_eager_step_outside_the_graph(device
     torch.testing.assert_close(optimizer_state(optimizers[0]), optimizer_state(optimizers[1]), **exact)
 
 
+def test_fullgraph_without_capturable_names_capturable():
+    """fullgraph=True refuses the default step's graph break; the error says what to do."""
+    param = nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    optimizer = FusedAdadelta([param])
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="constructed with capturable=True"):
+        torch.compile(optimizer.step, fullgraph=True)()
+
+
 @pytest.mark.parametrize("whole_training_step", [False, True], ids=["step_only", "training_step"])
 def test_torch_compile_with_complex_params_matches_eager(whole_training_step):
     """Issue 9, defect 3: torch.compile failed on complex params."""
