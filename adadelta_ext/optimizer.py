@@ -340,10 +340,13 @@ class FusedAdadelta(Optimizer):
         if self.defaults["differentiable"]:
             with torch.enable_grad():
                 self._differentiable_step()
-        elif torch.compiler.is_compiling() and not self.defaults["capturable"]:
+        elif not torch.compiler.is_compiling():
+            if not self._step_gathered_in_cpp():
+                self._step_in_python()
+        elif self.defaults["capturable"]:
+            self._step_in_python()  # traced into the graph
+        else:
             _step_outside_the_graph(self)  # see NOTE [Under torch.compile]
-        elif torch.compiler.is_compiling() or not self._step_gathered_in_cpp():
-            self._step_in_python()
         return loss
 
     def _step_in_python(self) -> None:
@@ -515,8 +518,7 @@ class FusedAdadelta(Optimizer):
             keys = ("step", *_STATE_KEYS, *kahan)
             if not state or all(torch.is_tensor(state.get(key)) for key in keys):
                 return  # made at this step, or a state to step
-        group_index = next(g for g, other in enumerate(self.param_groups) if other is group)
-        where = f"FusedAdadelta: the state of param_groups[{group_index}]['params'][{index}]"
+        where = f"FusedAdadelta: the state of param_groups[{self._group_index(group)}]['params'][{index}]"
         if not isinstance(state, dict):
             raise TypeError(f"{where} is a {type(state).__name__}, not a dict")
         for key in keys:
@@ -600,16 +602,19 @@ class FusedAdadelta(Optimizer):
                     options["stochastic_round_seeds"] = [state[_SEED_KEY] for state in states]
             yield tensors, options
 
+    def _group_index(self, group: dict[str, Any]) -> int:
+        """Where `group` is in param_groups, for error messages (by identity: groups hold tensors)."""
+        return next(index for index, other in enumerate(self.param_groups) if other is group)
+
     def _check_capturable_device(self, group: dict[str, Any], device: torch.device) -> None:
         """Raises torch.optim.Adadelta's error for capturable=True on a device that cannot capture
         (as torch, not while compiling: the compiler checks CUDA graphs itself)."""
         if group["capturable"] and not torch.compiler.is_compiling():
             devices = _get_capturable_supported_devices(supports_xla=False)
             if device.type not in devices:
-                group_index = next(g for g, other in enumerate(self.param_groups) if other is group)
                 raise AssertionError(
                     f"If capturable=True, params and state_steps must be on supported devices: {devices}."
-                    f" param_groups[{group_index}] has params on {device}."
+                    f" param_groups[{self._group_index(group)}] has params on {device}."
                 )
 
     def _call_options(self, group: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -13,10 +13,6 @@
 namespace adadelta_ext {
 namespace {
 
-bool is_reduced_float(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16;
-}
-
 bool is_supported_param_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || is_reduced_float(dtype) ||
       dtype == at::kComplexFloat || dtype == at::kComplexDouble;

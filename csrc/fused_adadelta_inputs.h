@@ -11,6 +11,11 @@
 
 namespace adadelta_ext {
 
+// float16 and bfloat16: the dtypes that compute in float32 and may keep float32 state.
+inline bool is_reduced_float(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
 // The scalar arguments of one call, as the schema in fused_adadelta.cpp names them.
 struct FusedAdadeltaOptions {
   double lr;  // used when lr_tensor is empty

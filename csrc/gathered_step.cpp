@@ -112,10 +112,6 @@ struct Call {
   std::vector<int64_t> seeds;  // stochastic_round's 16-bit call only
 };
 
-bool is_reduced_float(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16;
-}
-
 // Whether `object` is a plain tensor: torch.Tensor or torch.nn.Parameter, no
 // subclass (a DTensor's grad and state are not its local tensor's).
 bool is_plain_tensor(PyObject* object) {
@@ -275,14 +271,19 @@ bool gather_group(
     // (a stale one is dropped by the Python path).
     const bool kahan_ready = rounding != Rounding::kKahan ||
         (rounded ? is_plain_tensor(compensation) : compensation == nullptr);
-    int overflow = 0;
     const bool seeded = rounding == Rounding::kStochastic && rounded;
-    const int64_t seed = seeded && seed_object != nullptr && PyLong_CheckExact(seed_object)
-        ? PyLong_AsLongLongAndOverflow(seed_object, &overflow)
-        : 0;
+    int64_t seed = 0;
+    if (seeded) {
+      int overflow = 1;  // stays so unless the seed is a Python int
+      if (seed_object != nullptr && PyLong_CheckExact(seed_object)) {
+        seed = PyLong_AsLongLongAndOverflow(seed_object, &overflow);
+      }
+      if (overflow != 0) {
+        return false;
+      }
+    }
     if (!is_plain_tensor(square_avg) || !is_plain_tensor(acc_delta) || !is_plain_tensor(step) ||
-        !kahan_ready || (seeded && (seed_object == nullptr || !PyLong_CheckExact(seed_object))) ||
-        overflow != 0) {
+        !kahan_ready) {
       return false;
     }
     const at::Tensor& square_avg_tensor = references.keep(square_avg);
